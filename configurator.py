@@ -1,0 +1,131 @@
+"""
+Settings from a config file and the command line, nanoGPT style:
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+
+A config file is plain Python that assigns settings. `--key=value` overrides are parsed
+with ast.literal_eval (a bare word stays a string). Unlike nanoGPT's exec of this file
+into the caller, configure() returns the new settings and the caller does
+`globals().update(...)` at module level, so nothing is silently lost inside a function;
+unknown keys and wrong types are errors, not surprises three hours into a run.
+"""
+import ast
+import difflib
+import os
+import sys
+
+
+class ConfigError(Exception):
+    """A bad config file or override: reported to the user as one line."""
+
+
+def type_ok(default, value):
+    if default is None:
+        return True  # a None default may be overridden by anything
+    if isinstance(default, bool) or isinstance(value, bool):
+        # 'auto' settings also take True/False; bools never pass as ints or the reverse
+        return isinstance(value, bool) and (isinstance(default, bool) or default == "auto")
+    if isinstance(default, float):
+        return isinstance(value, (int, float))  # an int is fine where a float is expected
+    if default == "auto":
+        return isinstance(value, (str, int, float))
+    return isinstance(value, type(default))
+
+
+def check_key(settings, key, origin):
+    if key not in settings:
+        close = difflib.get_close_matches(key, list(settings), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see --help for the settings"
+        raise ConfigError(f"{origin}: unknown setting {key!r}{hint}")
+
+
+def check_type(settings, key, value, origin):
+    default = settings[key]
+    if not type_ok(default, value):
+        raise ConfigError(f"{origin}: {key}={value!r} is a {type(value).__name__}, expected a "
+                          f"{type(default).__name__} like the default {default!r}")
+
+
+def exec_config_file(path, settings):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found (settings are passed as --key=value)")
+    scope = dict(settings)
+    with open(path) as f:
+        source = f.read()
+    try:
+        exec(compile(source, path, "exec"), scope)
+    except Exception as e:
+        raise ConfigError(f"{path}: {type(e).__name__}: {e}")
+    updates = {}
+    for key, value in scope.items():
+        if key.startswith("_") or key in ("__builtins__",) or type(value).__name__ == "module":
+            continue
+        if key in settings and value is settings[key]:
+            continue
+        if callable(value):
+            continue  # helper functions a config file defines for itself
+        check_key(settings, key, path)
+        check_type(settings, key, value, path)
+        updates[key] = value
+    return updates
+
+
+def parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # --dataset=shakespeare_char: a bare word is a string
+
+
+def setting_comments(source_file):
+    """{name: comment} from lines like `name = value  # comment` in the script's source."""
+    comments = {}
+    with open(source_file) as f:
+        for line in f:
+            if "=" in line and "#" in line and not line.startswith((" ", "#")):
+                name = line.split("=", 1)[0].strip()
+                if name.isidentifier():
+                    comments[name] = line.split("#", 1)[1].strip()
+    return comments
+
+
+def print_help(settings, source_file):
+    comments = setting_comments(source_file)
+    print(f"usage: python {os.path.basename(source_file)} [config_file.py ...] [--key=value ...]\n")
+    for key, value in settings.items():
+        print(f"  --{key}={value!r}".ljust(40) + f"  {comments.get(key, '')}")
+
+
+def configure(settings, argv, source_file):
+    """settings updated by the config files and --key=value overrides in argv, in order."""
+    settings = dict(settings)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print_help(settings, source_file)
+        sys.exit(0)
+    for arg in argv:
+        if not arg.startswith("--"):
+            settings.update(exec_config_file(arg, settings))
+            continue
+        if "=" not in arg:
+            raise ConfigError(f"override {arg!r} must look like --key=value")
+        key, text = arg[2:].split("=", 1)
+        check_key(settings, key, "command line")
+        value = parse_value(text)
+        check_type(settings, key, value, "command line")
+        settings[key] = value
+    return settings
+
+
+def install_error_hook(*error_types):
+    """Errors the user can fix (bad config, data, checkpoint) print as one line and exit 1;
+    anything else keeps its traceback because it is a bug."""
+    user_errors = (ConfigError,) + tuple(error_types)
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, user_errors):
+            print(f"error: {exc}", file=sys.stderr)
+            sys.stderr.flush()
+        else:
+            previous(exc_type, exc, tb)
+    sys.excepthook = hook

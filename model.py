@@ -1,0 +1,394 @@
+"""
+A GPT language model in one file. The default GPTConfig is exactly GPT-2 (learned
+positions, LayerNorm, GELU, tied embeddings) with the Hugging Face GPT-2 parameter names,
+so weights move both ways with a plain name map (see hf.py). Every other architecture
+option (RoPE, RMSNorm, ReLU^2, SwiGLU, grouped-query attention, QK-norm, untied head,
+logit soft-capping) is a GPTConfig field, so a checkpoint's model_args rebuild it exactly.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
+           "mlp": ("gelu", "relu2", "swiglu")}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linears and LayerNorms, as GPT-2
+    n_kv_head: int = 0  # key/value heads for grouped-query attention; 0 = n_head
+    pos_emb: str = "learned"  # 'learned' (GPT-2) or 'rope'
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm'
+    mlp: str = "gelu"  # 'gelu' (GPT-2), 'relu2' or 'swiglu'
+    multiple_of: int = 64  # SwiGLU hidden size is rounded up to this
+    qk_norm: bool = False  # normalise queries and keys per head before attention
+    tie_embeddings: bool = True  # lm_head shares wte's weight, as GPT-2
+    logit_softcap: float = 0.0  # logits -> c * tanh(logits / c); 0 = off
+
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "multiple_of"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_kv_head < 0 or self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos_emb='rope' needs an even head size, got {self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @classmethod
+    def field_names(cls):
+        return [f.name for f in fields(cls)]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, ndim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, eps=1e-5)
+
+
+def make_norm(config, ndim=None):
+    ndim = ndim or config.n_embd
+    if config.norm == "rmsnorm":
+        return RMSNorm(ndim)
+    return nn.LayerNorm(ndim, bias=config.bias, eps=1e-5)
+
+
+def rope_tables(head_dim, max_len, theta):
+    """cos and sin, each (max_len, head_dim // 2), for rotating pairs (x1, x2) of halves."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, nh, T, hs); cos, sin: (T, hs/2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, (B, n_kv_head, block_size, hs)
+    each, filled by a prefill and then one token per decode step."""
+
+    def __init__(self, n_layer):
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.pos = 0  # tokens already cached
+
+    def update(self, layer, k, v, max_len):
+        if self.k[layer] is None:
+            B, nkv, _, hs = k.shape
+            self.k[layer] = k.new_zeros(B, nkv, max_len, hs)
+            self.v[layer] = v.new_zeros(B, nkv, max_len, hs)
+        T = k.size(2)
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head = layer, config.n_head, config.kv_heads
+        self.head_dim = config.n_embd // config.n_head
+        qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)  # q, k, v fused
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout, self.block_size = config.dropout, config.block_size
+        if config.qk_norm:
+            self.q_norm, self.k_norm = make_norm(config, self.head_dim), make_norm(config, self.head_dim)
+
+    def forward(self, x, rope=None, kv_cache=None):
+        B, T, C = x.size()
+        hs = self.head_dim
+        q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = kv_cache.pos if kv_cache is not None else 0
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v, self.block_size)
+        # A prefill (no past) is plain causal; one new token may see the whole cache; a chunk
+        # after a past needs the causal mask shifted by `past`.
+        mask, causal = None, past == 0
+        if past and T > 1:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.kind = config.mlp
+        if config.mlp == "swiglu":
+            # Llama: 2/3 of 4C keeps the parameter count of a 4C GELU MLP
+            hidden = config.multiple_of * math.ceil(8 * config.n_embd / 3 / config.multiple_of)
+            self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and up, fused
+        else:
+            hidden = 4 * config.n_embd
+            self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU, so HF logits match
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, V): greedy at temperature 0, else top-k and/or
+    nucleus (top-p) sampling. Returns (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keeps the token that crosses top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        modules = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=make_norm(config),
+        )
+        if config.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+        if config.pos_emb == "rope":
+            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameters, by default without those that do no matmul (position embeddings,
+        and the token embedding when the head is untied)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, kv_cache=None, all_logits=False):
+        """Logits for the last position (inference), or for every position with targets or
+        all_logits. With kv_cache, idx continues the cached tokens."""
+        B, T = idx.size()
+        past = kv_cache.pos if kv_cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        if targets is None and not all_logits:
+            x = x[:, [-1], :]
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context (e.g. to fine-tune GPT-2 with a smaller block_size)."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
+        self.config.block_size = block_size
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+        for block in self.transformer.h:
+            block.attn.block_size = block_size
+
+    def param_groups(self, weight_decay, learning_rate, optimizer="adamw", muon_lr=0.02):
+        """Parameter groups by optimizer. Weight decay only on >= 2-D tensors (matmul weights
+        and embeddings); with Muon, the 2-D weights inside the blocks go to Muon and
+        everything else (embeddings, head, norms, biases) stays with AdamW."""
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}  # tied weights once
+        muon = [p for n, p in params.items() if optimizer == "muon" and p.dim() == 2
+                and n.startswith("transformer.h.")]
+        muon_ids = {id(p) for p in muon}
+        rest = [p for p in params.values() if id(p) not in muon_ids]
+        adamw = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr": learning_rate},
+                 {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr": learning_rate}]
+        return adamw, ([{"params": muon, "weight_decay": weight_decay, "lr": muon_lr}] if muon else [])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
+                             optimizer="adamw", muon_lr=0.02, muon_momentum=0.95):
+        """A list of optimizers: [AdamW] or [AdamW, Muon]. Each group remembers its base lr
+        ('base_lr') so the schedule can scale every group by the same factor."""
+        adamw_groups, muon_groups = self.param_groups(weight_decay, learning_rate, optimizer, muon_lr)
+        fused = device_type == "cuda"  # fused AdamW: one kernel per step instead of a loop
+        optimizers = [torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=fused)]
+        if muon_groups:
+            optimizers.append(torch.optim.Muon(muon_groups, lr=muon_lr, momentum=muon_momentum,
+                                               adjust_lr_fn="match_rms_adamw"))
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["base_lr"] = group["lr"]
+        return optimizers
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6N for the matmuls plus the attention scores
+        (PaLM appendix B), with T = block_size."""
+        cfg = self.config
+        N = self.get_num_params()
+        return 6 * N + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilisation as a fraction of `peak_flops`; None where the peak is unknown."""
+        if not peak_flops or dt <= 0:
+            return None
+        return self.flops_per_token() * tokens_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        generator=None, use_cache=True, window="exact"):
+        """Yield the next token for every row, (B, 1), max_new_tokens times. idx (B, T) must
+        hold at most block_size tokens. With the cache, the prompt is prefilled once and each
+        step feeds one token. Once the sequence outgrows block_size, window='exact' recomputes
+        the last block_size tokens every step (exactly what full recomputation gives: learned
+        positions shift, so every cached key changes); window='chunked' keeps the last half
+        block, re-prefills it, and decodes from the cache again (faster, a shorter context)."""
+        if window not in ("exact", "chunked"):
+            raise ValueError(f"window={window!r} is not 'exact' or 'chunked'")
+        bs = self.config.block_size
+        if idx.size(1) > bs:
+            raise ValueError(f"prompt of {idx.size(1)} tokens exceeds block_size {bs}")
+        seq, cache, start = idx, None, 0
+        for _ in range(max_new_tokens):
+            L = seq.size(1)
+            if not use_cache:
+                logits, _ = self(seq[:, -bs:])
+            elif cache is not None and start + cache.pos == L - 1 and cache.pos < bs:
+                logits, _ = self(seq[:, -1:], kv_cache=cache)
+            else:
+                keep = bs if (window == "exact" or L <= bs) else max(1, bs // 2)
+                cache, start = KVCache(self.config.n_layer), max(0, L - keep)
+                logits, _ = self(seq[:, start:], kv_cache=cache)
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            seq = torch.cat([seq, next_token], dim=1)
+            yield next_token
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 generator=None, use_cache=True, window="exact"):
+        """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + max_new_tokens)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                        generator, use_cache, window))
+        return torch.cat([idx] + new, dim=1)
+
+
+# Dense peak FLOPS by (GPU name fragment, dtype), from the vendors' datasheets (no
+# sparsity). fp32 matmuls run as TF32 (train.py enables it), so fp32 uses the TF32 peak.
+PEAK_FLOPS = [
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494.7e12}),  # SXM / HBM3
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494.7e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 62.5e12}),
+    ("4090", {"bf16": 165.2e12, "fp16": 165.2e12, "fp32": 82.6e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
+    ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
+]
+
+
+def peak_flops(device_name, dtype):
+    """Peak FLOPS for a CUDA device name (torch.cuda.get_device_name) and 'bf16'|'fp16'|'fp32';
+    None when unknown (CPUs, unlisted GPUs), so MFU is reported as n/a, never guessed."""
+    for fragment, table in PEAK_FLOPS:
+        if fragment in device_name:
+            return table.get(dtype)
+    return None
