@@ -35,12 +35,25 @@ def assert_finite(state_dict, path):
                                   f"the previous checkpoint is kept")
 
 
+def remove_stale_temps(path):
+    """Temp files left by a writer that was killed mid-save; never mistaken for checkpoints
+    (they are hidden and not named ckpt.pt), but they hold disk space."""
+    directory, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(directory):
+        if entry.startswith(f".{name}.tmp"):
+            try:
+                os.remove(os.path.join(directory, entry))
+            except FileNotFoundError:
+                pass
+
+
 def save_checkpoint(state, path):
     """Atomically write `state` to `path`. A failed write (full disk, permissions) leaves the
     previous file untouched and raises CheckpointError."""
-    assert_finite(state["model"], path)
+    assert_finite(state.get("model", {}), path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    remove_stale_temps(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -136,3 +149,104 @@ def restore_rng(state):
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: sharded checkpoints through torch.distributed.checkpoint (DCP). Every rank writes
+# its shards to out_dir/ckpt_dcp/iter_N/ (plus state.pt with the plain-typed resume state
+# from rank 0); only then is ckpt_dcp/latest atomically pointed at it, so a kill mid-write
+# leaves the previous iter_N in use.
+
+def sharded_dir(out_dir):
+    """The latest complete sharded checkpoint in out_dir, or None."""
+    pointer = os.path.join(out_dir, "ckpt_dcp", "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(out_dir, "ckpt_dcp", f.read().strip())
+
+
+def save_sharded(model, optimizers, state, out_dir, rank):
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    finite = torch.tensor(float(all(torch.isfinite(t).all() for t in local)))
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        raise CheckpointError(f"not writing a checkpoint to {out_dir}/ckpt_dcp: weights hold NaN/inf; "
+                              f"the previous checkpoint is kept")
+    name = f"iter_{state['iter_num']:08d}"
+    step_dir = os.path.join(out_dir, "ckpt_dcp", name)
+    model_sd, optim_sd = get_state_dict(model, optimizers)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=step_dir)
+    if rank == 0:
+        save_checkpoint(state, os.path.join(step_dir, "state.pt"))
+        pointer = os.path.join(out_dir, "ckpt_dcp", "latest")
+        with open(pointer + ".tmp", "w") as f:
+            f.write(name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer + ".tmp", pointer)
+        fsync_dir(os.path.dirname(pointer))
+        remove_old_shards(os.path.dirname(pointer), keep=name)
+    dist.barrier()
+
+
+def remove_old_shards(root, keep):
+    import shutil
+    for entry in os.listdir(root):
+        if entry.startswith("iter_") and entry != keep:
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+
+
+def load_sharded_state(out_dir):
+    """The plain-typed part (model_args, iter_num, rng, ...) of the latest sharded checkpoint."""
+    step_dir = sharded_dir(out_dir)
+    if step_dir is None:
+        raise CheckpointError(f"{out_dir}/ckpt_dcp/latest not found; no sharded checkpoint to resume")
+    path = os.path.join(step_dir, "state.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}); the sharded checkpoint is incomplete")
+
+
+def load_sharded(model, optimizers, out_dir):
+    """Load the latest sharded weights and optimizer state into an FSDP2 model (any world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizers)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=sharded_dir(out_dir))
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def consolidate(out_dir, path=None):
+    """Write the latest sharded checkpoint as one ckpt.pt (weights, no optimizer) for sample.py
+    and export; runs in one process, no process group needed."""
+    import tempfile
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    step_dir = sharded_dir(out_dir)
+    if step_dir is None:
+        raise CheckpointError(f"{out_dir}/ckpt_dcp/latest not found; nothing to consolidate")
+    state = load_sharded_state(out_dir)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        dcp_to_torch_save(step_dir, os.path.join(tmp, "full.pt"))
+        full = torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=True)
+    keep = ("model_args", "iter_num", "best_val_loss", "config", "meta")
+    ckpt = {"model": full["model"], **{k: state[k] for k in keep if k in state}}
+    path = path or os.path.join(out_dir, "ckpt.pt")
+    save_checkpoint(ckpt, path)
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "consolidate":
+        sys.exit("usage: python checkpoint.py consolidate OUT_DIR [CKPT_PATH]  "
+                 "(FSDP sharded checkpoint -> one ckpt.pt for sample.py and hf.py)")
+    try:
+        print(f"wrote {consolidate(*sys.argv[2:])}")
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")

@@ -11,6 +11,7 @@ Every setting below can be set by a config file or a --key=value override; `--he
 lists them. Stop it any time (Ctrl-C, SIGTERM, preemption, kill -9): `--init_from=resume`
 (or 'auto') continues exactly where the last checkpoint left off.
 """
+import datetime
 import json
 import math
 import os
@@ -83,6 +84,8 @@ min_lr = 6e-5  # floor of the decay, ~learning_rate / 10
 decay_frac = 0.2  # wsd: fraction of the post-warmup steps spent decaying
 # system
 backend = "auto"  # DDP backend: 'nccl' on CUDA, 'gloo' on CPU
+ddp_timeout = 600  # seconds a collective waits for a missing or dead rank before failing
+fsdp = False  # shard weights, gradients and optimizer state with FSDP2 instead of DDP (torchrun)
 device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA if supported, else fp16; fp32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = "auto"  # torch.compile the model; 'auto' = on CUDA only
@@ -147,7 +150,7 @@ def autocast_context(device_type, dtype):
     return torch.amp.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
-def init_distributed(backend, device):
+def init_distributed(backend, device, timeout_s=600):
     """(ddp, rank, local_rank, world_size, device) from torchrun's environment."""
     if "RANK" not in os.environ:
         return False, 0, 0, 1, device
@@ -158,7 +161,7 @@ def init_distributed(backend, device):
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True, rank, local_rank, world_size, device
 
 
@@ -184,16 +187,48 @@ def estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, device
     model.eval()
     for split, data in splits.items():
         total = torch.zeros((), device=device)
-        for k in range(rank, eval_iters, world_size):
-            x, y = get_batch(data, block_size, batch_size, EVAL_SEED, k, 0)
+        padded = -(-eval_iters // world_size) * world_size  # FSDP: every rank runs every forward
+        for k in range(rank, padded, world_size):
+            x, y = get_batch(data, block_size, batch_size, EVAL_SEED, k % eval_iters, 0)
             with ctx:
                 _, loss = model(x.to(device), y.to(device))
-            total += loss.float()
+            total += loss.float() * (k < eval_iters)
         if world_size > 1:
             dist.all_reduce(total)
         out[split] = total.item() / eval_iters
     model.train()
     return out
+
+
+def shard_model(model):
+    """FSDP2: each block is its own unit, so only one block's full weights exist at a time."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.transformer.h:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def set_grad_sync(model, sync):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last
+    micro-step; set before the forward pass, which is when DDP reads it."""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = sync
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+
+
+def clip_gradients(model, grad_clip):
+    """Global gradient norm (a plain tensor, also under FSDP2), clipped to grad_clip if set."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def full_state_dict(model, fsdp):
+    """Unsharded weights (a collective under FSDP2: every rank calls it, rank 0 gets them)."""
+    if not fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def try_compile(model, x, y, ctx):
@@ -255,7 +290,8 @@ def truncate_metrics(path, iter_num):
 
 
 from checkpoint import (CheckpointError, build_model, capture_rng, check_model_args,  # noqa: E402
-                        load_checkpoint, model_config, restore_rng, save_checkpoint)
+                        load_checkpoint, load_sharded, load_sharded_state, model_config, restore_rng,
+                        save_checkpoint, save_sharded, sharded_dir)
 from configurator import ConfigError, configure, install_error_hook  # noqa: E402
 from dataloader import BatchLoader, DataError, get_batch, load_meta, open_dataset  # noqa: E402
 from model import GPT, peak_flops  # noqa: E402
@@ -270,13 +306,17 @@ if __name__ == "__main__":
     # -------------------------------------------------------------------------
     # device, dtype, DDP: decided once, the loop below has no device branches
     device = resolve_device(device)
-    ddp, rank, local_rank, world_size, device = init_distributed(backend, device)
+    ddp, rank, local_rank, world_size, device = init_distributed(backend, device, ddp_timeout)
     master_process = rank == 0
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     dtype = resolve_dtype(dtype, device_type)
     ctx = autocast_context(device_type, dtype)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if fsdp and not ddp:
+        raise ValueError("fsdp=True needs torchrun (e.g. torchrun --nproc_per_node=2 train.py ...)")
+    if fsdp and optimizer == "muon":
+        raise ValueError("optimizer='muon' needs whole weight matrices; use it without fsdp")
     grad_accum = derive_grad_accum(gradient_accumulation_steps, total_batch_size, batch_size,
                                    block_size, world_size)
     tokens_per_iter = grad_accum * world_size * batch_size * block_size
@@ -284,13 +324,14 @@ if __name__ == "__main__":
         os.makedirs(out_dir, exist_ok=True)
         print(f"device {device}, dtype {dtype}, world size {world_size}, {grad_accum} micro-steps "
               f"per rank, {tokens_per_iter:,} tokens per iteration")
-    torch.manual_seed(seed + rank)  # dropout differs per rank; the data order does not
+    torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards them as they are)
 
     # -------------------------------------------------------------------------
     # model: from scratch, a checkpoint, or GPT-2 weights
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if init_from == "auto":
-        init_from = "resume" if os.path.exists(ckpt_path) else "scratch"
+        found = sharded_dir(out_dir) if fsdp else os.path.exists(ckpt_path)
+        init_from = "resume" if found else "scratch"
         if master_process:
             print(f"init_from='auto': {'resuming from ' + ckpt_path if init_from == 'resume' else 'no checkpoint, starting from scratch'}")
     data_dir = data_dir or os.path.join("data", dataset)
@@ -301,9 +342,12 @@ if __name__ == "__main__":
         model_args["vocab_size"] = vocab_size or meta_vocab or 50304
         model = GPT(model_config(model_args, "settings"))
     elif init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_sharded_state(out_dir) if fsdp else load_checkpoint(ckpt_path)
         check_model_args(ckpt["model_args"], {k: config[k] for k in explicit & set(MODEL_KEYS)}, ckpt_path)
-        model = build_model(ckpt, ckpt_path, dropout=dropout if "dropout" in explicit else None)
+        if fsdp:  # weights are loaded after sharding, below
+            model = GPT(model_config({**ckpt["model_args"], "dropout": dropout}, ckpt_path))
+        else:
+            model = build_model(ckpt, ckpt_path, dropout=dropout if "dropout" in explicit else None)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         bad_steps = ckpt.get("bad_steps", 0)
     else:
@@ -318,6 +362,9 @@ if __name__ == "__main__":
     model.to(device)
     if master_process:
         print(f"{model.get_num_params() / 1e6:.2f}M parameters")
+    torch.manual_seed(seed + rank)  # dropout differs per rank; the data order does not
+    if fsdp:
+        model = shard_model(model)  # before the optimizer, which must see the sharded parameters
 
     # -------------------------------------------------------------------------
     # data: validated up front; batches depend only on (seed, step, micro-batch)
@@ -331,12 +378,21 @@ if __name__ == "__main__":
                                             optimizer, muon_lr, muon_momentum)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     if ckpt is not None:
-        saved = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]
-        if len(saved) != len(optimizers):
-            raise CheckpointError(f"{ckpt_path}: optimizer state holds {len(saved)} optimizer(s), this "
-                                  f"run uses {len(optimizers)}; keep optimizer={ckpt['config'].get('optimizer')!r}")
-        for opt, state in zip(optimizers, saved):
-            opt.load_state_dict(state)
+        if fsdp:
+            load_sharded(model, optimizers, out_dir)
+        else:
+            if "optimizer" not in ckpt:
+                raise CheckpointError(f"{ckpt_path} has no optimizer state (written by best.pt or "
+                                      f"consolidate), so it cannot resume; use it with sample.py")
+            saved = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]
+            if len(saved) != len(optimizers):
+                raise CheckpointError(f"{ckpt_path}: optimizer state holds {len(saved)} optimizer(s), this run "
+                                      f"uses {len(optimizers)}; keep optimizer={ckpt['config'].get('optimizer')!r}")
+            for opt, state in zip(optimizers, saved):
+                hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+                opt.load_state_dict(state)
+                for group, h in zip(opt.param_groups, hyper):  # this run's lr, betas, weight_decay win
+                    group.update(h)
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         rng = ckpt.get("rng") or []
@@ -356,7 +412,7 @@ if __name__ == "__main__":
         x, y = loader.get(iter_num, rank * grad_accum)
         model = try_compile(model, x, y, ctx)
     eval_model = model
-    if ddp:
+    if ddp and not fsdp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     peak = peak_flops(torch.cuda.get_device_name(device) if device_type == "cuda" else "",
                       {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype])
@@ -377,16 +433,23 @@ if __name__ == "__main__":
             dist.all_gather_object(rng, capture_rng())
         else:
             rng = [capture_rng()]
+        state = dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
+                     config=config, meta=meta, bad_steps=bad_steps)
+        if with_optimizer:
+            state.update(scaler=scaler.state_dict(), rng=rng, sampler=loader.state_dict(iter_num),
+                         world_size=world_size)
+        if fsdp and with_optimizer:
+            return save_sharded(raw_model, optimizers, state, out_dir, rank)
+        state["model"] = full_state_dict(raw_model, fsdp)
         ok = torch.ones((), device=device)
         if master_process:
-            state = dict(model=raw_model.state_dict(), model_args=model_args, iter_num=iter_num,
-                         best_val_loss=best_val_loss, config=config, meta=meta, bad_steps=bad_steps)
             if with_optimizer:
-                state.update(optimizer=[opt.state_dict() for opt in optimizers], scaler=scaler.state_dict(),
-                             rng=rng, sampler=loader.state_dict(iter_num), world_size=world_size)
+                state["optimizer"] = [opt.state_dict() for opt in optimizers]
             try:
                 save_checkpoint(state, path)
             except CheckpointError as e:
+                if not ddp:
+                    raise  # one error line; under DDP the other ranks must hear of it first
                 print(f"error: {e}", file=sys.stderr)
                 ok.zero_()
         if ddp:
@@ -397,13 +460,14 @@ if __name__ == "__main__":
     # -------------------------------------------------------------------------
     # training loop
     stop = StopSignal()
+    resume_path = os.path.join(out_dir, "ckpt_dcp") if fsdp else ckpt_path
     start_iter = iter_num
     ckpt_every = ckpt_interval or eval_interval
     t0 = time.perf_counter()
     while True:
         # evaluate, keep the best weights
-        lr_scale = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule,
-                          decay_frac) / learning_rate if decay_lr else 1.0
+        lr_scale = get_lr(iter_num, 1.0, min_lr / learning_rate if learning_rate else 0.0, warmup_iters,
+                          lr_decay_iters, lr_schedule, decay_frac) if decay_lr else 1.0  # lr 0 is allowed
         if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
             losses = estimate_loss(eval_model, splits, block_size, batch_size, eval_iters, ctx, device,
                                    rank, world_size)
@@ -425,7 +489,7 @@ if __name__ == "__main__":
         if iter_num > start_iter and (iter_num % ckpt_every == 0 or iter_num == max_iters):
             save(ckpt_path)
             if master_process:
-                print(f"saved {ckpt_path} at iter {iter_num}")
+                print(f"saved {resume_path} at iter {iter_num}")
         if iter_num >= max_iters:
             break
 
@@ -435,8 +499,7 @@ if __name__ == "__main__":
                 group["lr"] = group["base_lr"] * lr_scale
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(grad_accum):
-            if ddp:
-                model.require_backward_grad_sync = micro_step == grad_accum - 1
+            set_grad_sync(model, micro_step == grad_accum - 1)
             x, y = loader.get(iter_num, rank * grad_accum + micro_step)
             with ctx:
                 _, loss = model(x, y)
@@ -446,7 +509,7 @@ if __name__ == "__main__":
         # clip the unscaled gradients; skip the update if the loss or gradients are not finite
         for opt in optimizers:
             scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or float("inf"))
+        grad_norm = clip_gradients(raw_model, grad_clip)
         # with fp16, inf gradients are the GradScaler's business: it skips the step and rescales
         finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | scaler.is_enabled())
         if ddp:
@@ -493,7 +556,7 @@ if __name__ == "__main__":
         if stop.any_rank(ddp, device):
             save(ckpt_path)
             if master_process:
-                print(f"saved {ckpt_path} at iter {iter_num}; resume with --init_from=resume")
+                print(f"saved {resume_path} at iter {iter_num}; resume with --init_from=resume")
             break
 
     loader.close()
