@@ -370,7 +370,8 @@ if __name__ == "__main__":
     # data: validated up front; batches depend only on (seed, step, micro-batch)
     splits, meta = open_dataset(data_dir, block_size, model.config.vocab_size)
     loader = BatchLoader(splits["train"], block_size, batch_size, seed, grad_accum * world_size,
-                         sampling=sampling, device=device)
+                         sampling=sampling, device=device, rank_first_index=rank * grad_accum,
+                         rank_num_micro=grad_accum)
 
     # -------------------------------------------------------------------------
     # optimizer and GradScaler (only fp16 needs loss scaling)

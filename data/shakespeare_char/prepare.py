@@ -1,0 +1,28 @@
+"""
+Tiny Shakespeare with one token per character, as nanoGPT prepares it: the first 90% of the
+characters go to train.bin, the rest to val.bin, ids are positions in the sorted character
+set (65 of them), stored as uint16. Writes train.bin, val.bin and meta.json next to this
+script (or to --out_dir), downloading input.txt there first if it is missing.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from tokenizer import (  # noqa: E402
+    CharTokenizer, fetch_text, run_cli, script_args, write_dataset)
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def main():
+    args = script_args(__file__, __doc__.strip().split("\n")[0], URL)
+    text = fetch_text(os.path.join(args.out_dir, "input.txt"), args.url)
+    print(f"{len(text):,} characters")
+    tok = CharTokenizer(sorted(set(text)))
+    n = int(len(text) * 0.9)
+    write_dataset(args.out_dir, tok, {"train": tok.encode_array(text[:n]),
+                                      "val": tok.encode_array(text[n:])})
+
+
+if __name__ == "__main__":
+    run_cli(main)
