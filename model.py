@@ -334,13 +334,14 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        generator=None, use_cache=True, window="exact"):
+                        generator=None, use_cache=True, window="exact", vocab_limit=None):
         """Yield the next token for every row, (B, 1), max_new_tokens times. idx (B, T) must
         hold at most block_size tokens. With the cache, the prompt is prefilled once and each
         step feeds one token. Once the sequence outgrows block_size, window='exact' recomputes
         the last block_size tokens every step (exactly what full recomputation gives: learned
         positions shift, so every cached key changes); window='chunked' keeps the last half
-        block, re-prefills it, and decodes from the cache again (faster, a shorter context)."""
+        block, re-prefills it, and decodes from the cache again (faster, a shorter context).
+        vocab_limit: sample only ids below it (a padded vocabulary has ids no tokenizer knows)."""
         if window not in ("exact", "chunked"):
             raise ValueError(f"window={window!r} is not 'exact' or 'chunked'")
         bs = self.config.block_size
@@ -357,16 +358,16 @@ class GPT(nn.Module):
                 keep = bs if (window == "exact" or L <= bs) else max(1, bs // 2)
                 cache, start = KVCache(self.config.n_layer), max(0, L - keep)
                 logits, _ = self(seq[:, start:], kv_cache=cache)
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            next_token = sample_next(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
             seq = torch.cat([seq, next_token], dim=1)
             yield next_token
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 generator=None, use_cache=True, window="exact"):
+                 generator=None, use_cache=True, window="exact", vocab_limit=None):
         """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + max_new_tokens)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                        generator, use_cache, window))
+                                        generator, use_cache, window, vocab_limit))
         return torch.cat([idx] + new, dim=1)
 
 

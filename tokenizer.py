@@ -118,11 +118,14 @@ class TiktokenTokenizer(_DocumentEncoder):
 class BPETokenizer(_DocumentEncoder):
     name = "bpe"
 
-    def __init__(self, path):
+    def __init__(self, path, json_text=None):
         from tokenizers import Tokenizer
-        if not os.path.exists(path):
+        if json_text is not None:  # embedded in a checkpoint's meta: no data dir needed
+            self.tok = Tokenizer.from_str(json_text)
+        elif not os.path.exists(path):
             raise DataError(f"{path} not found; re-run data/text/prepare.py --encoding=bpe:N")
-        self.tok = Tokenizer.from_file(path)
+        else:
+            self.tok = Tokenizer.from_file(path)
         self.tok.encode_special_tokens = True  # a literal "<|endoftext|>" in text stays text
         self.vocab_size = self.tok.get_vocab_size()
         self.eot_token = self.tok.token_to_id(EOT)
@@ -152,8 +155,8 @@ def tokenizer_from_meta(meta, data_dir=None):
     if encoding == "char":
         return CharTokenizer(meta["chars"])
     if encoding == "bpe":
-        return BPETokenizer(os.path.join(data_dir or ".", meta.get("tokenizer_file",
-                                                                     "tokenizer.json")))
+        return BPETokenizer(os.path.join(data_dir or ".", meta.get("tokenizer_file", "tokenizer.json")),
+                            meta.get("tokenizer_json"))
     return get_tokenizer(encoding)
 
 

@@ -283,7 +283,9 @@ def truncate_metrics(path, iter_num):
     if not os.path.exists(path):
         return
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) < iter_num]
+        # a line without its newline is torn (a kill or full disk mid-append): drop it
+        kept = [line for line in f if line.strip() and line.endswith("\n")
+                and json.loads(line).get("iter", 0) < iter_num]
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -369,6 +371,9 @@ if __name__ == "__main__":
     # -------------------------------------------------------------------------
     # data: validated up front; batches depend only on (seed, step, micro-batch)
     splits, meta = open_dataset(data_dir, block_size, model.config.vocab_size)
+    if meta.get("encoding") == "bpe":  # checkpoints carry their tokenizer, wherever the data goes
+        with open(os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.json"))) as f:
+            meta["tokenizer_json"] = f.read()
     loader = BatchLoader(splits["train"], block_size, batch_size, seed, grad_accum * world_size,
                          sampling=sampling, device=device, rank_first_index=rank * grad_accum,
                          rank_num_micro=grad_accum)

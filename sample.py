@@ -1,0 +1,213 @@
+"""
+Sample from a trained model or from GPT-2:
+
+    python sample.py --out_dir=out-shakespeare-char
+    python sample.py --init_from=gpt2-xl --start="FILE:prompt.txt" --num_samples=3 --max_new_tokens=100
+
+Settings are set like train.py's: a config file, then --key=value overrides; --help lists
+them. Samples go to stdout, notes to stderr.
+"""
+import os
+import sys
+
+import torch
+
+# -----------------------------------------------------------------------------
+# settings
+init_from = "resume"  # 'resume' (a checkpoint in out_dir), 'gpt2*', or a local HF GPT-2 dir
+out_dir = "out"  # where init_from='resume' finds its checkpoint
+ckpt = "auto"  # 'auto' = out_dir/best.pt if it exists, else out_dir/ckpt.pt; or a path
+start = "\n"  # the prompt, or "FILE:path" to read it from a file
+num_samples = 10  # samples, generated together as one batch
+max_new_tokens = 500  # tokens generated per sample
+temperature = 0.8  # 1.0 = the model's distribution, lower = sharper, 0 = greedy
+top_k = 200  # sample among the k most likely tokens only; 0 = no limit
+top_p = 1.0  # nucleus sampling: the fewest tokens holding this much probability; 1.0 = off
+seed = 1337  # the same seed and settings give the same samples
+device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"  # 'auto' (bf16/fp16 on CUDA, fp32 elsewhere), 'float32', 'bfloat16', 'float16'
+compile = False  # torch.compile the model: a slow start, then faster tokens
+use_cache = True  # KV cache: each new token attends to cached keys instead of recomputing
+window = "exact"  # past block_size: 'exact' recomputes the window, 'chunked' is faster
+stop = ""  # end a sample at this string (it is cut there); '' = only at end-of-text
+stream = True  # with num_samples=1, print tokens as they arrive
+# -----------------------------------------------------------------------------
+SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+SEPARATOR = "---------------"
+
+from checkpoint import CheckpointError, build_model, load_checkpoint  # noqa: E402
+from dataloader import DataError, load_meta  # noqa: E402
+from hf import HFError, gpt_from_hf  # noqa: E402
+from tokenizer import get_tokenizer, tokenizer_from_meta  # noqa: E402
+from train import autocast_context, resolve_device, resolve_dtype  # noqa: E402
+
+
+class SampleError(ValueError):
+    """A bad setting of this script: reported to the user as one line."""
+
+
+def check_settings(s):
+    if s["num_samples"] < 1 or s["max_new_tokens"] < 0:
+        raise SampleError(f"num_samples={s['num_samples']} must be >= 1 and "
+                          f"max_new_tokens={s['max_new_tokens']} >= 0")
+    if s["temperature"] < 0 or s["top_k"] < 0 or not 0 < s["top_p"] <= 1:
+        raise SampleError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+                          f"{s['temperature']}, {s['top_k']}, {s['top_p']}")
+    if s["window"] not in ("exact", "chunked"):
+        raise SampleError(f"window={s['window']!r} is not 'exact' or 'chunked'")
+
+
+def checkpoint_path(out_dir, ckpt):
+    if ckpt != "auto":
+        return ckpt
+    best = os.path.join(out_dir, "best.pt")  # written only when it beat every earlier eval
+    return best if os.path.exists(best) else os.path.join(out_dir, "ckpt.pt")
+
+
+def checkpoint_tokenizer(checkpoint):
+    """The tokenizer of the data the checkpoint was trained on (its meta, else its data dir)."""
+    config = checkpoint.get("config") or {}
+    data_dir = config.get("data_dir") or os.path.join("data", config.get("dataset", ""))
+    meta = checkpoint.get("meta") or (load_meta(data_dir) if os.path.isdir(data_dir) else {})
+    if not meta:
+        print("note: the checkpoint records no tokenizer; assuming GPT-2's", file=sys.stderr)
+    return tokenizer_from_meta(meta, data_dir)
+
+
+def load_model(init_from, out_dir, ckpt):
+    """(model, tokenizer, where the model came from)."""
+    if init_from == "resume":
+        path = checkpoint_path(out_dir, ckpt)
+        checkpoint = load_checkpoint(path)
+        return build_model(checkpoint, path), checkpoint_tokenizer(checkpoint), path
+    return gpt_from_hf(init_from), get_tokenizer("gpt2"), init_from
+
+
+def read_prompt(start):
+    if not start.startswith("FILE:"):
+        return start
+    path = start[len("FILE:"):]
+    if not os.path.isfile(path):
+        raise SampleError(f"start=FILE:{path}: {path} not found")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def encode_prompt(tok, text, block_size):
+    ids = tok.encode(text)
+    if not ids:
+        if tok.eot_token is None:
+            raise SampleError("start is empty and this tokenizer has no end-of-text token to "
+                              "begin from; give a prompt with --start")
+        ids = [tok.eot_token]  # GPT-2 style: a new document begins
+    if len(ids) > block_size:
+        print(f"note: the prompt is {len(ids)} tokens, longer than block_size {block_size}; "
+              f"keeping its last {block_size}", file=sys.stderr)
+        ids = ids[-block_size:]
+    return ids
+
+
+class Sample:
+    """One sample's generated text as its tokens arrive. It ends at the end-of-text token or at
+    the stop string (cut there)."""
+
+    def __init__(self, tok, stop):
+        self.tok, self.stop = tok, stop
+        self.ids, self.text, self.done = [], "", False
+        self.shown = 0  # characters of text already printed while streaming
+
+    def add(self, token):
+        if token == self.tok.eot_token:
+            self.done = True
+            return
+        self.ids.append(token)
+        # decode everything so far: a multi-byte character may span several BPE tokens
+        self.text = self.tok.decode(self.ids)
+        if self.stop and self.stop in self.text:
+            self.text, self.done = self.text[:self.text.index(self.stop)], True
+
+    def new_text(self):
+        """Text not yet printed that can no longer change: holds back a half-decoded
+        character (U+FFFD for now) and a tail that might become the start of the stop string."""
+        text = self.text
+        if not self.done:
+            text = text.rstrip("\ufffd")
+            text = text[:max(0, len(text) - max(0, len(self.stop) - 1))]
+        new = text[self.shown:]
+        self.shown = max(self.shown, len(text))
+        return new
+
+
+def generate_samples(model, prompt_ids, tok, settings, streaming, ctx):
+    """All num_samples in one batch; print each sample as it ends (or token by token when
+    streaming). Stops early once every sample has ended."""
+    s = settings
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids] * s["num_samples"], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(s["seed"])
+    prompt_text = tok.decode(prompt_ids)
+    samples = [Sample(tok, s["stop"]) for _ in range(s["num_samples"])]
+    printed = [False] * len(samples)
+    if streaming:
+        sys.stdout.write(prompt_text)
+    with ctx:
+        tokens = model.generate_stream(idx, s["max_new_tokens"], s["temperature"], s["top_k"] or None,
+                                       s["top_p"], generator, s["use_cache"], s["window"],
+                                       vocab_limit=tok.vocab_size)  # a padded vocab has unknown ids
+        for next_token in tokens:
+            for sample, token in zip(samples, next_token[:, 0].tolist()):
+                if not sample.done:
+                    sample.add(token)
+            if streaming:
+                sys.stdout.write(samples[0].new_text())
+                sys.stdout.flush()
+            else:
+                print_finished(samples, printed, prompt_text)
+            if all(sample.done for sample in samples):
+                break
+    for sample in samples:
+        sample.done = True  # max_new_tokens reached: whatever is left is final
+    if streaming:
+        sys.stdout.write(samples[0].new_text() + "\n" + SEPARATOR + "\n")
+    else:
+        print_finished(samples, printed, prompt_text)
+    return [prompt_text + sample.text for sample in samples]
+
+
+def print_finished(samples, printed, prompt_text):
+    for i, sample in enumerate(samples):
+        if sample.done and not printed[i]:
+            print(prompt_text + sample.text)
+            print(SEPARATOR, flush=True)
+            printed[i] = True
+
+
+def prepare_model(model, tok, device, compile_model):
+    model.eval().to(device)
+    if tok.vocab_size > model.config.vocab_size:
+        raise SampleError(f"the model has vocab_size {model.config.vocab_size} but its tokenizer "
+                          f"({tok.name}) has {tok.vocab_size} tokens; they do not belong together")
+    if compile_model:
+        model.compile(dynamic=True)  # in place, so generate_stream's self(...) calls are compiled
+    return model
+
+
+if __name__ == "__main__":
+    from configurator import configure, install_error_hook
+    install_error_hook(CheckpointError, DataError, HFError, SampleError, ValueError)  # as train.py
+    settings = configure({k: globals()[k] for k in SETTINGS}, sys.argv[1:], __file__)
+    globals().update(settings)
+    check_settings(settings)
+
+    torch.manual_seed(seed)
+    device = resolve_device(device)
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    ctx = autocast_context(device_type, resolve_dtype(dtype, device_type))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model, tok, source = load_model(init_from, out_dir, ckpt)
+    model = prepare_model(model, tok, device, compile)
+    print(f"{source}: {model.get_num_params() / 1e6:.2f}M parameters, block_size "
+          f"{model.config.block_size}, tokenizer {tok.name} ({tok.vocab_size} tokens), {device}",
+          file=sys.stderr)
+    prompt_ids = encode_prompt(tok, read_prompt(start), model.config.block_size)
+    generate_samples(model, prompt_ids, tok, settings, stream and num_samples == 1, ctx)

@@ -1,0 +1,249 @@
+"""
+model.py: KV-cache generation against full recomputation for every architecture option,
+the sliding windows past block_size, sampling, and model-level bookkeeping.
+
+Generation comparisons run in float64: cached and uncached attention add in different
+orders, and a tiny random model has near-tied logits, so float32 could flip a greedy pick
+without any bug. float64 leaves only real indexing/masking mistakes to be caught.
+"""
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache, sample_next
+
+BLOCK = 32
+TINY = dict(block_size=BLOCK, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
+ARCHS = {
+    "gpt2": {},
+    "rope": dict(pos_emb="rope"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "relu2": dict(mlp="relu2"),
+    "swiglu": dict(mlp="swiglu", multiple_of=48),
+    "gqa": dict(n_kv_head=2),
+    "mqa": dict(n_kv_head=1),
+    "qk_norm": dict(qk_norm=True),
+    "untied": dict(tie_embeddings=False),
+    "no_bias": dict(bias=False),
+    "softcap": dict(logit_softcap=0.5),
+    "llama_like": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qk_norm=True,
+                       tie_embeddings=False, bias=False, logit_softcap=2.0),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny tensors: one thread is fastest, and threads fighting a busy machine are very slow
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed=0, **overrides):
+    """A float64 model whose outputs depend strongly on the context: random biases and norm
+    gains, and matrices 4x GPT-2's init, so a wrong position or window changes the tokens."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY, **overrides})).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+            else:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def prompts(batch, length, vocab=64, seed=1):
+    return torch.randint(vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("prompt_len", [1, 7, BLOCK - 3])
+def test_greedy_cache_equals_full_recomputation(arch, prompt_len):
+    model = tiny_model(**ARCHS[arch])
+    idx = prompts(3, prompt_len)
+    cached = model.generate(idx, 80, temperature=0, use_cache=True)
+    full = model.generate(idx, 80, temperature=0, use_cache=False)
+    assert cached.shape == (3, prompt_len + 80)
+    assert torch.equal(cached, full)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama_like"])
+def test_cached_logits_equal_full_forward(arch):
+    # prefill 5 tokens, a chunk of 4 after them (shifted causal mask), then one token at a time
+    model = tiny_model(**ARCHS[arch])
+    idx = prompts(2, 20)
+    full, _ = model(idx, all_logits=True)
+    cache = KVCache(model.config.n_layer)
+    pieces = [model(idx[:, :5], kv_cache=cache, all_logits=True)[0],
+              model(idx[:, 5:9], kv_cache=cache, all_logits=True)[0]]
+    pieces += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(9, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="block_size"):
+        model(prompts(2, BLOCK - 19), kv_cache=cache)
+
+
+SAMPLINGS = [("gpt2", dict(top_k=5)), ("gpt2", dict(top_p=0.7))] + [
+    (arch, dict(top_k=20, top_p=0.9)) for arch in ARCHS]
+
+
+@pytest.mark.parametrize("arch, sampling", SAMPLINGS)
+def test_seeded_sampling_same_with_and_without_cache(arch, sampling):
+    model = tiny_model(**ARCHS[arch])
+    idx = prompts(3, 7)
+    runs = [model.generate(idx, 60, temperature=1.0, generator=torch.Generator().manual_seed(7),
+                           use_cache=use_cache, **sampling) for use_cache in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+    assert len(set(runs[0][:, 7:].flatten().tolist())) > 5  # really sampled, not a greedy loop
+
+
+def chunked_reference(model, idx, n, generator):
+    """window='chunked' by its definition, without a cache: the context runs from `start` to
+    the end; when it would pass block_size it restarts at the last block_size // 2 tokens."""
+    seq, start = idx, 0
+    for _ in range(n):
+        if seq.size(1) - start > BLOCK:
+            start = seq.size(1) - BLOCK // 2
+        logits, _ = model(seq[:, start:])
+        seq = torch.cat([seq, sample_next(logits[:, -1], 1.0, generator=generator)], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "rope", "mqa"])
+def test_chunked_window(arch):
+    # sampled, not greedy: a tiny random model's greedy output settles into repeating one token,
+    # which no context window would change
+    model = tiny_model(**ARCHS[arch])
+    idx = prompts(3, 7)
+    runs = {window: model.generate(idx, 90, temperature=1.0, window=window,
+                                   generator=torch.Generator().manual_seed(3))
+            for window in ("chunked", "exact")}
+    assert runs["chunked"].shape == runs["exact"].shape == (3, 7 + 90)
+    # identical until the sequence outgrows the block, then the windows differ
+    assert torch.equal(runs["chunked"][:, :BLOCK], runs["exact"][:, :BLOCK])
+    assert not torch.equal(runs["chunked"], runs["exact"])
+    reference = chunked_reference(model, idx, 90, torch.Generator().manual_seed(3))
+    assert torch.equal(runs["chunked"], reference)
+    with pytest.raises(ValueError, match="window"):
+        next(model.generate_stream(idx, 1, window="sliding"))
+
+
+def test_generate_rejects_prompt_longer_than_block():
+    with pytest.raises(ValueError, match="block_size"):
+        tiny_model().generate(prompts(1, BLOCK + 1), 1)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("pos_emb", "alibi"), ("norm", "batchnorm"), ("mlp", "gelu2"), ("block_size", 0),
+    ("n_layer", -1), ("n_head", 5), ("n_kv_head", 3), ("dropout", 1.0)])
+def test_config_rejects_invalid_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        GPTConfig(**{**TINY, field: value})
+
+
+def test_config_rejects_odd_rope_head_size():
+    with pytest.raises(ValueError, match="rope"):
+        GPTConfig(**{**TINY, "n_embd": 36, "n_head": 12, "pos_emb": "rope"})  # head size 3
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "rope"])
+def test_crop_block_size(arch):
+    model = tiny_model(**ARCHS[arch])
+    idx = prompts(2, 16)
+    before, _ = model(idx, all_logits=True)
+    model.crop_block_size(16)
+    after, _ = model(idx, all_logits=True)
+    assert torch.equal(after, before)  # causal: the first 16 positions do not see the rest
+    assert model.config.block_size == 16
+    if arch == "gpt2":
+        assert model.transformer.wpe.weight.shape == (16, 32)
+    assert model.generate(idx[:, :4], 30, temperature=0).shape == (2, 34)  # windows at 16 now
+    with pytest.raises(ValueError, match="block_size"):
+        model(prompts(2, 17))
+    with pytest.raises(ValueError, match="grow"):
+        model.crop_block_size(32)
+
+
+def test_get_num_params_excludes_position_embeddings():
+    model = tiny_model()
+    total = sum(p.numel() for p in model.parameters())  # the tied wte/lm_head counted once
+    assert model.get_num_params(non_embedding=False) == total
+    assert model.get_num_params() == total - BLOCK * 32
+    untied = tiny_model(tie_embeddings=False)
+    total = sum(p.numel() for p in untied.parameters())
+    assert untied.get_num_params() == total - BLOCK * 32 - 64 * 32  # wte does no matmul when untied
+
+
+def names_of(model, groups):
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for g in groups for p in g["params"]]
+
+
+def test_param_groups_muon_gets_exactly_the_hidden_matrices():
+    model = GPT(GPTConfig(**TINY))
+    adamw, muon = model.param_groups(weight_decay=0.1, learning_rate=1e-3, optimizer="muon")
+    expected = {f"transformer.h.{i}.{m}.weight" for i in range(2)
+                for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert set(names_of(model, muon)) == expected
+    rest = names_of(model, adamw)
+    all_names = {n for n, _ in model.named_parameters()}  # lm_head.weight is wte's, listed once
+    assert len(rest) == len(set(rest)) and set(rest) == all_names - expected
+    assert "transformer.wte.weight" in rest and "transformer.wpe.weight" in rest
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_weight_decay_only_on_matrices(optimizer):
+    model = GPT(GPTConfig(**TINY, tie_embeddings=False))
+    adamw, muon = model.param_groups(weight_decay=0.1, learning_rate=1e-3, optimizer=optimizer)
+    for group in adamw + muon:
+        dims = {p.dim() for p in group["params"]}
+        assert group["weight_decay"] == (0.1 if min(dims) >= 2 else 0.0), (group["weight_decay"], dims)
+    seen = [id(p) for g in adamw + muon for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+
+
+def test_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=4, n_head=4, n_embd=256))
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            want = 0.02 / math.sqrt(2 * 4)  # GPT-2: the residual stream grows with depth otherwise
+        elif p.dim() == 2:
+            want = 0.02
+        else:
+            assert torch.all(p == (1.0 if name.endswith("ln_1.weight") or name.endswith("ln_2.weight")
+                                   or name.endswith("ln_f.weight") else 0.0)), name
+            continue
+        assert abs(p.std().item() - want) < 0.05 * want, name
+
+
+def test_loss_at_init_is_log_vocab():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, "vocab_size": 500}))
+    idx = torch.randint(500, (8, BLOCK))
+    _, loss = model(idx, targets=torch.roll(idx, -1, dims=1))
+    assert abs(loss.item() - math.log(500)) < 0.05
+
+
+def test_sample_next_greedy_limits():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    argmax = logits.argmax(dim=-1, keepdim=True)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, temperature=0), argmax)
+    assert torch.equal(sample_next(logits, temperature=1.0, top_k=1, generator=g), argmax)
+    assert torch.equal(sample_next(logits, temperature=1.0, top_p=1e-6, generator=g), argmax)
+    assert sample_next(logits, temperature=1.0, generator=g).shape == (64, 1)
+
+
+@pytest.mark.parametrize("top_p, allowed", [(0.6, {0, 1}), (0.75, {0, 1}), (0.85, {0, 1, 2})])
+def test_top_p_keeps_the_token_that_crosses_the_threshold(top_p, allowed):
+    # probabilities 0.5, 0.3, 0.15, 0.05: the cumulative sum passes top_p inside the last kept token
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(4000, 1)
+    drawn = sample_next(logits, temperature=1.0, top_p=top_p, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn.flatten(), minlength=4)
+    assert {i for i in range(4) if counts[i]} == allowed
+    kept = torch.tensor([0.5, 0.3, 0.15, 0.05])[sorted(allowed)]
+    expected = kept / kept.sum()
+    torch.testing.assert_close(counts[sorted(allowed)] / 4000.0, expected, atol=0.03, rtol=0)
