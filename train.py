@@ -15,12 +15,14 @@ import datetime
 import json
 import math
 import os
+import random
 import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -273,6 +275,8 @@ class StopSignal:
 
 
 def append_metrics(path, record):
+    # NaN/inf are not JSON: a skipped step's loss is written as null
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -365,6 +369,8 @@ if __name__ == "__main__":
     if master_process:
         print(f"{model.get_num_params() / 1e6:.2f}M parameters")
     torch.manual_seed(seed + rank)  # dropout differs per rank; the data order does not
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
     if fsdp:
         model = shard_model(model)  # before the optimizer, which must see the sharded parameters
 
@@ -384,6 +390,8 @@ if __name__ == "__main__":
                                             optimizer, muon_lr, muon_momentum)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     if ckpt is not None:
+        # this run's lr, betas and weight_decay win over the checkpoint's (e.g. a lower lr to recover)
+        hyper = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers]
         if fsdp:
             load_sharded(model, optimizers, out_dir)
         else:
@@ -395,10 +403,10 @@ if __name__ == "__main__":
                 raise CheckpointError(f"{ckpt_path}: optimizer state holds {len(saved)} optimizer(s), this run "
                                       f"uses {len(optimizers)}; keep optimizer={ckpt['config'].get('optimizer')!r}")
             for opt, state in zip(optimizers, saved):
-                hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
                 opt.load_state_dict(state)
-                for group, h in zip(opt.param_groups, hyper):  # this run's lr, betas, weight_decay win
-                    group.update(h)
+        for opt, groups in zip(optimizers, hyper):
+            for group, h in zip(opt.param_groups, groups):
+                group.update(h)
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         rng = ckpt.get("rng") or []
@@ -492,7 +500,8 @@ if __name__ == "__main__":
             t0 = time.perf_counter()
 
         # save the resume point
-        if iter_num > start_iter and (iter_num % ckpt_every == 0 or iter_num == max_iters):
+        # (not while updates are being skipped: the last good checkpoint stays the resume point)
+        if iter_num > start_iter and (iter_num % ckpt_every == 0 or iter_num == max_iters) and bad_steps == 0:
             save(ckpt_path)
             if master_process:
                 print(f"saved {resume_path} at iter {iter_num}")

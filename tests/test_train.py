@@ -1,0 +1,442 @@
+"""
+The core trainer: learning-rate schedule, settings, the training loop's numbers, checkpoints
+and clear one-line errors for bad settings, checkpoints and data. train.py runs as a
+subprocess on a tiny model over a char-level tinyshakespeare (see trainutil.py).
+"""
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from trainutil import (REPO, TRAIN, char_data, eval_losses, one_error_line, read_metrics,  # noqa: F401
+                       run_raw, run_train, step_losses, write_char_dataset)
+
+import sys  # noqa: E402
+
+sys.path.insert(0, REPO)
+import checkpoint  # noqa: E402
+import configurator  # noqa: E402
+import train  # noqa: E402  (helpers only: the script is under `if __name__ == "__main__"`)
+from dataloader import TokenFile, get_batch  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# get_lr
+
+LR, MIN_LR, WARMUP, DECAY = 1e-3, 1e-4, 10, 110
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])
+def test_get_lr_warmup(schedule):
+    lrs = [train.get_lr(it, LR, MIN_LR, WARMUP, DECAY, schedule) for it in range(WARMUP + 1)]
+    assert lrs[0] > 0, "the first step must not be wasted with lr 0"
+    assert all(a < b for a, b in zip(lrs, lrs[1:])), "warmup must increase"
+    assert lrs[WARMUP] == pytest.approx(LR, rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd"])
+def test_get_lr_decays_to_min_lr(schedule):
+    for it in (DECAY, DECAY + 1, DECAY + 1000):
+        assert train.get_lr(it, LR, MIN_LR, WARMUP, DECAY, schedule) == pytest.approx(MIN_LR, rel=1e-12)
+    lrs = [train.get_lr(it, LR, MIN_LR, WARMUP, DECAY, schedule) for it in range(WARMUP, DECAY + 1)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), "the decay must never go up"
+    assert all(MIN_LR - 1e-15 <= lr <= LR + 1e-15 for lr in lrs)
+    if schedule in ("cosine", "linear"):
+        assert all(a > b for a, b in zip(lrs, lrs[1:])), "cosine/linear decay strictly"
+    if schedule == "linear":
+        mid = (WARMUP + DECAY) // 2
+        assert train.get_lr(mid, LR, MIN_LR, WARMUP, DECAY, "linear") == pytest.approx((LR + MIN_LR) / 2)
+    if schedule == "cosine":
+        mid = (WARMUP + DECAY) // 2
+        assert train.get_lr(mid, LR, MIN_LR, WARMUP, DECAY, "cosine") == pytest.approx((LR + MIN_LR) / 2)
+
+
+def test_get_lr_wsd_stable_then_decay():
+    decay_frac = 0.2
+    # 100 post-warmup steps: stable for the first 80, decay over the last 20
+    decay_start = WARMUP + round((1 - decay_frac) * (DECAY - WARMUP))
+    for it in range(WARMUP, decay_start):
+        assert train.get_lr(it, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) == LR, it
+    assert train.get_lr(decay_start, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) == pytest.approx(LR)
+    tail = [train.get_lr(it, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) for it in range(decay_start, DECAY + 1)]
+    assert all(a > b for a, b in zip(tail, tail[1:])), "wsd decays strictly in its last phase"
+    half = decay_start + (DECAY - decay_start) // 2
+    assert train.get_lr(half, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) == pytest.approx((LR + MIN_LR) / 2)
+
+
+def test_get_lr_constant():
+    for it in range(WARMUP, DECAY + 50):
+        assert train.get_lr(it, LR, MIN_LR, WARMUP, DECAY, "constant") == LR
+
+
+def test_get_lr_unknown_schedule():
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train.get_lr(WARMUP + 1, LR, MIN_LR, WARMUP, DECAY, "cosin")
+
+
+# -----------------------------------------------------------------------------
+# derive_grad_accum
+
+
+def test_derive_grad_accum():
+    assert train.derive_grad_accum(40, 0, 12, 1024, 1) == 40
+    assert train.derive_grad_accum(40, 0, 12, 1024, 8) == 5
+    assert train.derive_grad_accum(4, 0, 8, 32, 2) == 2
+    # total_batch_size wins over gradient_accumulation_steps: 8 * 32 * 2 * 3 tokens
+    assert train.derive_grad_accum(5, 8 * 32 * 2 * 3, 8, 32, 2) == 3
+    assert train.derive_grad_accum(5, 524288, 16, 1024, 8) == 4
+
+
+def test_derive_grad_accum_not_divisible_by_world_size():
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=3.*2"):
+        train.derive_grad_accum(3, 0, 8, 32, 2)
+
+
+def test_derive_grad_accum_total_batch_not_divisible():
+    with pytest.raises(ValueError, match="total_batch_size=1000"):
+        train.derive_grad_accum(1, 1000, 8, 32, 1)
+    with pytest.raises(ValueError, match="total_batch_size"):
+        train.derive_grad_accum(1, 8 * 32 * 3, 8, 32, 2)  # one rank's worth too few
+
+
+# -----------------------------------------------------------------------------
+# configurator: unit tests on configure(), then train.py's command line
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def test_configure_none_default_takes_anything():
+    assert configurator.configure({"x": None}, ["--x=5"], TRAIN) == {"x": 5}
+    assert configurator.configure({"x": None}, ["--x=abc"], TRAIN) == {"x": "abc"}
+    assert configurator.configure({"x": None}, ["--x=1.5"], TRAIN) == {"x": 1.5}
+
+
+def test_configure_types():
+    settings = {"lr": 0.1, "n": 3, "flag": False, "name": "a", "compile": "auto"}
+    got = configurator.configure(settings, ["--lr=1", "--n=4", "--flag=True", "--name=b c",
+                                            "--compile=False"], TRAIN)
+    assert got == {"lr": 1, "n": 4, "flag": True, "name": "b c", "compile": False}
+    for bad in ("--n=1.5", "--n=abc", "--n=True", "--flag=1", "--lr=abc", "--name=3"):
+        with pytest.raises(configurator.ConfigError, match=bad[2:].split("=")[0]):
+            configurator.configure(settings, [bad], TRAIN)
+
+
+def test_configure_unknown_key_suggests():
+    with pytest.raises(configurator.ConfigError, match="learning_rat.*learning_rate"):
+        configurator.configure({"learning_rate": 0.1}, ["--learning_rat=1"], TRAIN)
+    with pytest.raises(configurator.ConfigError, match="must look like --key=value"):
+        configurator.configure({"learning_rate": 0.1}, ["--learning_rate"], TRAIN)
+
+
+def test_configure_config_file(tmp_path):
+    settings = {"lr": 0.1, "n": 3}
+    good = write(tmp_path / "good.py", "import math\nlr = 0.5\ndef helper():\n    return 1\n_private = 2\n")
+    # files then overrides, in order
+    assert configurator.configure(settings, [good], TRAIN) == {"lr": 0.5, "n": 3}
+    assert configurator.configure(settings, [good, "--lr=0.25"], TRAIN) == {"lr": 0.25, "n": 3}
+    assert configurator.configure(settings, ["--lr=0.25", good], TRAIN) == {"lr": 0.5, "n": 3}
+
+
+def test_configure_config_file_unknown_key(tmp_path):
+    bad = write(tmp_path / "bad.py", "lr = 0.5\nnn = 4\n")
+    with pytest.raises(configurator.ConfigError) as e:
+        configurator.configure({"lr": 0.1, "n": 3}, [bad], TRAIN)
+    assert bad in str(e.value) and "'nn'" in str(e.value)
+
+
+def test_configure_config_file_wrong_type_and_syntax(tmp_path):
+    bad = write(tmp_path / "bad.py", "n = 'four'\n")
+    with pytest.raises(configurator.ConfigError, match="bad.py.*n='four'"):
+        configurator.configure({"lr": 0.1, "n": 3}, [bad], TRAIN)
+    broken = write(tmp_path / "broken.py", "n = (\n")
+    with pytest.raises(configurator.ConfigError, match="broken.py"):
+        configurator.configure({"lr": 0.1, "n": 3}, [broken], TRAIN)
+
+
+def test_cli_unknown_key():
+    p = run_raw(["--learning_rat=1"])
+    assert p.returncode == 1
+    line = one_error_line(p.stderr)
+    assert "'learning_rat'" in line and "learning_rate" in line
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5"])
+def test_cli_wrong_type(value):
+    p = run_raw([f"--batch_size={value}"])
+    assert p.returncode == 1
+    line = one_error_line(p.stderr)
+    assert "batch_size" in line and value in line and "int" in line
+
+
+def test_cli_missing_config_file(tmp_path):
+    missing = str(tmp_path / "nope.py")
+    p = run_raw([missing, "--batch_size=4"])
+    assert p.returncode == 1
+    assert missing in one_error_line(p.stderr)
+
+
+def test_cli_help_lists_every_setting():
+    p = run_raw(["--help"])
+    assert p.returncode == 0, p.stderr
+    # reference: every `name = value  # comment` line of train.py's settings block
+    with open(TRAIN) as f:
+        source = f.read().split("# settings", 1)[1].split("\n# ---", 1)[0]
+    expected = {}
+    for line in source.splitlines():
+        if "=" in line and "#" in line and not line.startswith((" ", "#")):
+            expected[line.split("=", 1)[0].strip()] = line.split("#", 1)[1].strip()
+    assert set(expected) == set(train.SETTINGS), "every setting has a comment"
+    lines = {line.split("=", 1)[0].strip(): line for line in p.stdout.splitlines() if line.strip().startswith("--")}
+    for key, comment in expected.items():
+        line = lines.get(f"--{key}")
+        assert line is not None, f"--help does not list {key}"
+        assert f"--{key}={getattr(train, key)!r}" in line
+        assert comment in line
+    assert "learning_rate" in lines["--learning_rate"] and "peak learning rate" in lines["--learning_rate"]
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+
+def test_loss_falls(tmp_path, char_data):
+    out = str(tmp_path / "out")
+    run_train(out, char_data, max_iters=30, learning_rate=1e-2, min_lr=1e-3, warmup_iters=0,
+              lr_decay_iters=30)
+    losses = step_losses(read_metrics(out))
+    assert sorted(losses) == list(range(30))
+    assert losses[0] == pytest.approx(math.log(65), abs=0.3), "starts near uniform over 65 chars"
+    assert losses[29] < losses[0] - 0.5, losses
+    evals = eval_losses(read_metrics(out))
+    assert evals[30][1] < evals[0][1] - 0.5, evals
+
+
+def test_logged_loss_is_mean_over_micro_steps(tmp_path, char_data):
+    """With lr 0, AdamW leaves the weights as initialised, so ckpt.pt at iter 1 holds the
+    weights of step 0; the loss logged for step 0 is the mean of its 3 micro-batch losses."""
+    out = str(tmp_path / "out")
+    run_train(out, char_data, gradient_accumulation_steps=3, learning_rate=0, min_lr=0,
+              warmup_iters=0, max_iters=1, seed=7)
+    logged = step_losses(read_metrics(out))[0]
+    ckpt = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["iter_num"] == 1
+    model = checkpoint.build_model(ckpt, "ckpt.pt")
+    model.eval()
+    data = TokenFile(os.path.join(char_data, "train.bin"), np.uint16)
+    with torch.no_grad():
+        micro = [model(*get_batch(data, 32, 8, 7, 0, j))[1].item() for j in range(3)]
+    data.close()
+    assert len(set(micro)) == 3
+    assert logged == pytest.approx(sum(micro) / 3, rel=1e-5), (logged, micro)
+    assert logged != pytest.approx(micro[-1], rel=1e-4), "logged the last micro-step only"
+
+
+# -----------------------------------------------------------------------------
+# a run with always_save_checkpoint=False, shared by the checkpoint tests below
+
+
+@pytest.fixture(scope="module")
+def best_run(tmp_path_factory, char_data):
+    out = str(tmp_path_factory.mktemp("best") / "out")
+    run_train(out, char_data, max_iters=12, eval_interval=3, learning_rate=1e-2,
+              warmup_iters=0, lr_decay_iters=12, always_save_checkpoint=False)
+    return out
+
+
+def test_best_checkpoint(best_run):
+    evals = eval_losses(read_metrics(best_run))
+    assert sorted(evals) == [0, 3, 6, 9, 12]
+    best = torch.load(os.path.join(best_run, "best.pt"), map_location="cpu", weights_only=True)
+    # best.pt is written on improvement after the first step, so it is the min of evals 3..12
+    best_iter = min((it for it in evals if it > 0), key=lambda it: evals[it][1])
+    assert best["iter_num"] == best_iter
+    assert best["best_val_loss"] == pytest.approx(min(v for _, v in evals.values()), rel=1e-6)
+    assert best["best_val_loss"] == pytest.approx(evals[best_iter][1], rel=1e-6)
+    ckpt = torch.load(os.path.join(best_run, "ckpt.pt"), map_location="cpu", weights_only=True)
+    assert ckpt["iter_num"] == 12
+    if best_iter == 12:
+        for k, v in best["model"].items():
+            assert torch.equal(v, ckpt["model"][k]), k
+
+
+def test_checkpoint_keys(best_run):
+    ckpt = torch.load(os.path.join(best_run, "ckpt.pt"), map_location="cpu", weights_only=True)
+    for key in ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config",
+                "scaler", "rng", "sampler"):
+        assert key in ckpt, key
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    assert ckpt["model_args"]["n_layer"] == 2 and ckpt["model_args"]["vocab_size"] == 65
+    assert ckpt["config"]["max_iters"] == 12 and ckpt["config"]["always_save_checkpoint"] is False
+    evals = eval_losses(read_metrics(best_run))
+    assert ckpt["best_val_loss"] == pytest.approx(min(v for _, v in evals.values()), rel=1e-6)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_eval_only(tmp_path, best_run, char_data):
+    """eval_only on the checkpoint: one evaluation equal to the training run's own eval at that
+    iteration (same fixed eval batches), no checkpoint written. --learning_rate=1 (an int where
+    a float is expected) is accepted."""
+    out = str(tmp_path / "out")
+    shutil.copytree(best_run, out)
+    before = {name: open(os.path.join(out, name), "rb").read() for name in ("ckpt.pt", "best.pt")}
+    reference = eval_losses(read_metrics(out))[12]
+    p = run_train(out, char_data, "--eval_only=True", "--learning_rate=1", init_from="resume",
+                  max_iters=12, learning_rate=None)
+    assert "step 12" in p.stdout
+    after = read_metrics(out)
+    assert [r for r in after if r["iter"] >= 12] == [{"iter": 12, "train_loss": pytest.approx(reference[0], rel=1e-6),
+                                                      "val_loss": pytest.approx(reference[1], rel=1e-6)}]
+    for name, data in before.items():
+        assert open(os.path.join(out, name), "rb").read() == data, f"eval_only rewrote {name}"
+    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "metrics.jsonl"]
+
+
+def test_resume_from_compiled_style_prefixes(tmp_path, best_run, char_data):
+    """A nanoGPT checkpoint of a compiled model has '_orig_mod.' keys; it resumes."""
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    ckpt = torch.load(os.path.join(best_run, "ckpt.pt"), map_location="cpu", weights_only=True)
+    plain = ckpt["model"]
+    ckpt["model"] = {"_orig_mod." + k: v for k, v in plain.items()}
+    torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    assert set(checkpoint.strip_prefixes(ckpt["model"])) == set(plain)
+    run_train(out, char_data, init_from="resume", max_iters=13, learning_rate=1e-2, warmup_iters=0,
+              lr_decay_iters=12, eval_interval=3)
+    assert sorted(step_losses(read_metrics(out))) == [12]
+    resumed = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+    assert resumed["iter_num"] == 13
+    assert set(resumed["model"]) == set(plain)
+    # eval at iter 12 on the loaded weights equals the original run's eval at 12
+    assert eval_losses(read_metrics(out))[12] == pytest.approx(eval_losses(read_metrics(best_run))[12], rel=1e-6)
+
+
+def test_init_from_auto(tmp_path, char_data):
+    out = str(tmp_path / "out")
+    p = run_train(out, char_data, init_from="auto", max_iters=4, eval_interval=2)
+    assert "starting from scratch" in p.stdout
+    first = step_losses(read_metrics(out))
+    assert sorted(first) == [0, 1, 2, 3]
+    p = run_train(out, char_data, init_from="auto", max_iters=6, eval_interval=2)
+    assert "resuming" in p.stdout
+    losses = step_losses(read_metrics(out))
+    assert sorted(losses) == [0, 1, 2, 3, 4, 5]
+    assert {k: losses[k] for k in first} == first
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 6
+
+
+# -----------------------------------------------------------------------------
+# bad checkpoints: one line naming the file, nothing executed
+
+
+def resume_error(out, char_data, **overrides):
+    p = run_train(out, char_data, init_from="resume", check=False, **overrides)
+    assert p.returncode == 1, p.stdout + p.stderr
+    return one_error_line(p.stderr)
+
+
+def test_truncated_checkpoint(tmp_path, best_run, char_data):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    data = open(os.path.join(best_run, "ckpt.pt"), "rb").read()
+    path = os.path.join(out, "ckpt.pt")
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+    assert path in resume_error(out, char_data, max_iters=20)
+
+
+def test_foreign_checkpoint(tmp_path, char_data):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    path = os.path.join(out, "ckpt.pt")
+    torch.save({"foo": 1}, path)
+    line = resume_error(out, char_data, max_iters=20)
+    assert path in line and "not a checkpoint" in line
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        # unpickling this would create the marker file
+        return (os.makedirs, (self.marker,))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path, char_data):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    path = os.path.join(out, "ckpt.pt")
+    marker = str(tmp_path / "pwned")
+    torch.save({"model": {}, "model_args": {}, "payload": Payload(marker)}, path)
+    line = resume_error(out, char_data, max_iters=20)
+    assert path in line
+    assert not os.path.exists(marker), "loading the checkpoint ran code from it"
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load_checkpoint(path)
+    assert not os.path.exists(marker)
+
+
+def test_model_args_mismatch(tmp_path, best_run, char_data):
+    out = str(tmp_path / "out")
+    shutil.copytree(best_run, out)
+    line = resume_error(out, char_data, max_iters=20, n_layer=3)
+    assert "model_args.n_layer" in line and os.path.join(out, "ckpt.pt") in line
+    assert "2" in line and "3" in line
+
+
+# -----------------------------------------------------------------------------
+# bad data: one line naming the file or directory
+
+
+def test_missing_data_dir(tmp_path):
+    missing = str(tmp_path / "nodata")
+    p = run_train(str(tmp_path / "out"), missing, check=False)
+    assert p.returncode == 1
+    assert missing in one_error_line(p.stderr)
+
+
+def test_val_shorter_than_block(tmp_path, char_data):
+    data = str(tmp_path / "data")
+    shutil.copytree(char_data, data)
+    np.fromfile(os.path.join(data, "val.bin"), dtype=np.uint16)[:32].tofile(os.path.join(data, "val.bin"))
+    p = run_train(str(tmp_path / "out"), data, check=False)
+    assert p.returncode == 1
+    line = one_error_line(p.stderr)
+    assert os.path.join(data, "val.bin") in line and "block_size" in line
+
+
+def test_token_id_out_of_range(tmp_path):
+    data = write_char_dataset(str(tmp_path / "data"), "abcdefgh" * 200)
+    ids = np.fromfile(os.path.join(data, "train.bin"), dtype=np.uint16)
+    ids[100] = 8  # vocab_size is 8
+    ids.tofile(os.path.join(data, "train.bin"))
+    p = run_train(str(tmp_path / "out"), data, check=False)
+    assert p.returncode == 1
+    line = one_error_line(p.stderr)
+    assert os.path.join(data, "train.bin") in line and "8" in line
+
+
+# -----------------------------------------------------------------------------
+# wandb
+
+
+def test_wandb_offline(tmp_path, char_data):
+    from trainutil import child_env
+    wandb_dir = str(tmp_path / "wandb")
+    os.makedirs(wandb_dir)
+    env = child_env(WANDB_MODE="offline", WANDB_DIR=wandb_dir, WANDB_SILENT="true",
+                    WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"), WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"))
+    out = str(tmp_path / "out")
+    run_train(out, char_data, wandb_log=True, max_iters=3, eval_interval=2, env=env, timeout=240)
+    runs = [d for d in os.listdir(os.path.join(wandb_dir, "wandb")) if d.startswith("offline-run-")]
+    assert len(runs) == 1, os.listdir(os.path.join(wandb_dir, "wandb"))
+    run_dir = os.path.join(wandb_dir, "wandb", runs[0])
+    assert any(f.endswith(".wandb") for f in os.listdir(run_dir))
+    assert sorted(step_losses(read_metrics(out))) == [0, 1, 2], "metrics.jsonl is written as well"
