@@ -103,18 +103,29 @@ def test_resume_is_bitwise(tmp_path, straight_run, char_data, k):
     assert_resume_is_exact(straight_run, out, N)
 
 
-def test_resume_is_bitwise_with_options(tmp_path, char_data):
+# between them, the two option sets switch on every non-GPT-2 option of GPTConfig
+LLAMA = dict(optimizer="muon", muon_lr=0.02, pos_emb="rope", norm="rmsnorm", mlp="swiglu",
+             n_kv_head=1, multiple_of=16)
+MODDED = dict(mlp="relu2", qk_norm=True, tie_embeddings=False, bias=False, logit_softcap=15.0,
+              lr_schedule="wsd")
+
+
+@pytest.mark.parametrize("options", [LLAMA, MODDED], ids=["llama-muon", "relu2-qknorm-untied-softcap"])
+def test_resume_is_bitwise_with_options(tmp_path, char_data, options):
     """Muon (two optimizers) and the non-GPT-2 architecture options resume exactly too."""
     settings = dict(BITWISE, gradient_accumulation_steps=1, eval_interval=4, lr_decay_iters=12,
-                    warmup_iters=3, optimizer="muon", muon_lr=0.02, pos_emb="rope", norm="rmsnorm",
-                    mlp="swiglu", n_kv_head=1, multiple_of=16)
+                    warmup_iters=3, **options)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     run_train(straight, char_data, max_iters=12, **settings)
     stop_and_resume(resumed, char_data, 5, 12, **settings)
     assert_resume_is_exact(straight, resumed, 12)
     ckpt = load(straight)
-    assert len(ckpt["optimizer"]) == 2, "AdamW and Muon states"
-    assert ckpt["model_args"]["pos_emb"] == "rope" and ckpt["model_args"]["n_kv_head"] == 1
+    for key, value in options.items():
+        assert ckpt["model_args"].get(key, ckpt["config"][key]) == value
+    losses = step_losses(read_metrics(straight))
+    assert losses[11] < losses[0] - 0.3, "the options train"
+    if options.get("optimizer") == "muon":
+        assert len(ckpt["optimizer"]) == 2, "AdamW and Muon states"
 
 
 # -----------------------------------------------------------------------------
