@@ -462,3 +462,24 @@ def test_cl100k_dataset_trains(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     losses = [float(v) for v in re.findall(r"loss[ =:]+([-+0-9.eE]+|nan|inf)", r.stdout + r.stderr)]
     assert losses and all(math.isfinite(v) for v in losses), r.stdout
+
+
+def test_bpe_checkpoint_samples_without_its_data_dir(tmp_path):
+    # the checkpoint embeds tokenizer.json, so sample.py decodes after the data dir is gone
+    text = "To be, or not to be, that is the question. Whether tis nobler in the mind.\n" * 100
+    (tmp_path / "in.txt").write_text(text)
+    data, out = tmp_path / "data", tmp_path / "out"
+    r = run("data/text/prepare.py", f"--input={tmp_path / 'in.txt'}", "--encoding=bpe:300",
+            f"--out_dir={data}", "--num_proc=1")
+    assert r.returncode == 0, r.stderr
+    r = run("train.py", f"--data_dir={data}", "--n_layer=1", "--n_head=2", "--n_embd=32",
+            "--block_size=16", "--batch_size=8", "--max_iters=40", "--eval_interval=20",
+            "--eval_iters=2", "--gradient_accumulation_steps=1", "--learning_rate=1e-2",
+            f"--out_dir={out}", "--device=cpu", "--compile=False")
+    assert r.returncode == 0, r.stdout + r.stderr
+    shutil.rmtree(data)
+    r = run("sample.py", f"--out_dir={out}", "--start=To be", "--num_samples=1",
+            "--max_new_tokens=30", "--temperature=0", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("To be") and len(r.stdout) > len("To be") + 10
+    assert set(r.stdout) <= set(text) | {"-"}
