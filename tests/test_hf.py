@@ -20,14 +20,6 @@ HF_CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: one thread is fastest, and threads fighting a busy machine are very slow
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def hf_gpt2(seed=0, **config):
     """A random HF GPT-2 with non-trivial layer norms and biases (HF initialises them to 1 and 0)."""

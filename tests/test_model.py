@@ -32,14 +32,6 @@ ARCHS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: one thread is fastest, and threads fighting a busy machine are very slow
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model(seed=0, **overrides):
     """A float64 model whose outputs depend strongly on the context: random biases and norm

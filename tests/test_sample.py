@@ -23,14 +23,6 @@ CHARS = sorted(set(string.ascii_lowercase + " \n.,!?"))
 BLOCK = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the same thread count as the subprocesses (OMP_NUM_THREADS=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def char_model(seed):
     torch.manual_seed(seed)

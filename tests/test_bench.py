@@ -1,0 +1,123 @@
+"""
+bench.py: the training report of a tiny config (through train.py as a subprocess), an
+interleaved comparison, a comparison against an external nanoGPT-style command, the sampling
+benchmark with its greedy cached == uncached check, and the log-line parsing.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import bench  # noqa: E402
+from trainutil import corpus_text, write_char_dataset  # noqa: E402
+
+# 1 layer x 32, block 16: an iteration takes milliseconds, so a run is mostly start-up
+TINY_TRAIN = ["--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=32",
+              "--block_size=16", "--batch_size=4", "--gradient_accumulation_steps=1",
+              "--warmup_iters=2", "--max_iters=8", "--warmup=2"]
+TINY_SAMPLE = ["--sample", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+               "--tokens=40", "--repeats=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    # 60k characters are plenty for 8 steps of 4 x 16 tokens and keep the id check instant
+    return write_char_dataset(str(tmp_path_factory.mktemp("benchdata")), corpus_text()[:60_000])
+
+
+def run_bench(*args, tmp_path, timeout=120):
+    """bench.py's stdout and --json report; one thread per process, because two processes
+    each spinning two OpenMP threads on a shared 2-core machine can run 100x slower."""
+    report = os.path.join(str(tmp_path), "report.json")
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), *args, "--json", report],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"bench.py exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    with open(report) as f:
+        return p.stdout, json.load(f)
+
+
+def test_train_report(tiny_data, tmp_path):
+    out, report = run_bench(*TINY_TRAIN, f"--data_dir={tiny_data}", tmp_path=tmp_path)
+    result = report["result"]
+    assert result["ms_per_iter"] > 0 and result["tokens_per_s"] > 0
+    assert result["peak_rss_mb"] > 50  # python + torch alone is well over 50 MiB
+    assert result["mfu"] is None  # no known peak FLOPS on a CPU
+    assert result["data_wait_ms_per_iter"] >= 0
+    assert result["rounds"][0]["iters_timed"] == 6  # 8 iterations minus 2 warm-up
+    for row in ("ms/iter", "tokens/s", "peak RSS MiB", "data wait ms/iter"):
+        assert row in out
+
+
+def test_compare_interleaved(tiny_data, tmp_path):
+    out, report = run_bench(*TINY_TRAIN, f"--data_dir={tiny_data}", "--rounds=2",
+                            "--compare", "--batch_size=4", "--batch_size=8", tmp_path=tmp_path)
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("round")] == \
+        ["round 1", "round 2"]
+    assert len(report["ratios"]) == 2 and report["ratio_tokens_per_s"] > 0
+    assert "B/A tokens/s:" in out
+    # the setting's override reached train.py, after the common ones
+    assert "--batch_size=8" in report["B"]["rounds"][0]["command"]
+    assert report["B"]["rounds"][0]["command"].index("--batch_size=8") > \
+        report["B"]["rounds"][0]["command"].index("--batch_size=4")
+
+
+def test_compare_external_command(tiny_data, tmp_path):
+    # a stand-in for nanoGPT: its log format, 10 ms per iteration, 640 tokens per iteration
+    fake = ("import sys; print('tokens per iteration will be: 640'); "
+            "[print(f'iter {i}: loss 4.1000, time 10.00ms, mfu -100.00%') for i in range(8)]")
+    out, report = run_bench(*TINY_TRAIN, f"--data_dir={tiny_data}", "--rounds=1",
+                            "--compare-cmd", f"{sys.executable} -c \"{fake}\"", tmp_path=tmp_path)
+    assert report["B"]["ms_per_iter"] == pytest.approx(10.0)
+    assert report["B"]["tokens_per_s"] == pytest.approx(64_000)
+    assert report["B"]["peak_rss_mb"] > 0
+    assert "B/A tokens/s:" in out
+
+
+def test_sample(tmp_path):
+    out, report = run_bench(*TINY_SAMPLE, tmp_path=tmp_path)
+    speeds = report["median_tokens_per_s"]
+    assert set(speeds) == {"31 new, KV cache", "31 new, no cache", "40 new, cache exact",
+                           "40 new, cache chunked", "40 new, no cache"}
+    assert all(v > 0 for v in speeds.values())
+    assert report["speedups"]["cache_vs_none_short"][0] > 0
+    # greedy tokens with the cache equal those of full recomputation (exact window)
+    assert [c["ok"] for c in report["greedy_checks"]] == [True, True]
+    assert out.count("greedy check") == 2 and "DIFFER" not in out
+
+
+def test_log_parsing():
+    ours = ("device cpu, dtype float32, world size 1, 1 micro-steps per rank, 768 tokens per "
+            "iteration\niter 10: loss 3.2900, lr 7.52e-03, time 18.0ms, 28,521 tok/s, mfu n/a\n")
+    nano = ("tokens per iteration will be: 12,288\niter 0: loss 4.2, time 1234.56ms, mfu -100.00%\n"
+            "step 250: train loss 1.9, val loss 2.0\niter 1: loss nan, time 54.10ms, mfu 1.2%\n")
+    assert bench.log_records(ours) == [{"iter": 10, "ms": 18.0, "tokens_per_s": pytest.approx(768 / 0.018)}]
+    records = bench.log_records(nano)
+    assert [(r["iter"], r["ms"]) for r in records] == [(0, 1234.56), (1, 54.10)]
+    assert records[1]["tokens_per_s"] == pytest.approx(12288 / 0.0541)
+
+
+def test_setting_order_and_env():
+    env, argv = bench.train_argv("OMP_NUM_THREADS=1 --dtype=bfloat16 config/b.py", ["config/a.py",
+                                 "--max_iters=60", "--dtype=float32"], "/tmp/x", 1)
+    assert env == {"OMP_NUM_THREADS": "1"}
+    args = argv[2:]
+    # files first, then common overrides, then the setting's, then the bench's own
+    assert args[:4] == ["config/a.py", "config/b.py", "--max_iters=60", "--dtype=float32"]
+    assert args[4] == "--dtype=bfloat16" and args[5] == "--out_dir=/tmp/x"
+    assert "--log_interval=1" in args
+
+
+def test_summary_data_wait():
+    steps = [{"iter": i, "ms": 10.0 + i, "tokens_per_s": 100.0, "mfu": None,
+              "data_wait_ms": 2.0 * (i + 1)} for i in range(6)]
+    s = bench.summarize(steps, 2, 2048, {}, 1.0)
+    assert s["iters_timed"] == 4 and s["ms_per_iter"] == pytest.approx(13.5)
+    assert s["data_wait_ms_per_iter"] == pytest.approx(2.0)  # cumulative -> per iteration
+    assert s["peak_rss_mb"] == 2.0
+    with pytest.raises(SystemExit):
+        bench.summarize(steps, 6, 2048, {}, 1.0)
