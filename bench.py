@@ -1,0 +1,485 @@
+"""
+Measure training and sampling speed. Training is measured by running train.py itself as a
+subprocess (so the numbers are the trainer's, not a copy of its loop); sampling is measured
+in-process on a randomly initialised GPT.
+
+Training speed of a config (any train.py arguments pass through):
+
+    python bench.py config/train_shakespeare_char.py --max_iters=60 [--key=value ...]
+
+Two settings interleaved A B A B ... so a noisy, shared machine still gives a fair ratio.
+A setting is train.py arguments, optionally led by NAME=value environment variables:
+
+    python bench.py --compare "config/train_shakespeare_char.py --dtype=float32" \
+                              "config/train_shakespeare_char.py --dtype=bfloat16" --max_iters=60
+    python bench.py config/train_shakespeare_char.py --compare "OMP_NUM_THREADS=1" "" --max_iters=60
+
+Against any command that prints nanoGPT-style `iter N: loss X, time Yms` lines (B), run
+through the shell in this directory (e.g. nanoGPT):
+
+    python bench.py config/train_shakespeare_char.py --max_iters=60 \
+        --compare-cmd "cd /tmp/nanoGPT && python train.py config/train_shakespeare_char.py ..."
+
+Sampling speed with and without the KV cache (model size as --n_layer=... etc.):
+
+    python bench.py --sample [--num_samples=1] [--repeats=3] [--tokens=500]
+
+Every mode prints a table; --json PATH also writes the numbers.
+"""
+import argparse
+import ast
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(REPO, "train.py")
+HUGE = 10**9  # an interval that never comes: no evaluations or checkpoints inside the timing
+# ours: "iter 10: loss 3.2900, lr 7.52e-03, time 18.0ms, ..."; nanoGPT: "iter 10: loss 3.2900,
+# time 18.00ms, mfu ..."
+LOG_LINE = re.compile(r"^iter (\d+): loss [^,\s]+,.*?\btime ([\d.]+) ?ms", re.M)
+# ours: "..., 768 tokens per iteration"; nanoGPT: "tokens per iteration will be: 768"
+TOKENS_LINE = re.compile(r"(?:([\d,]+) tokens per iteration\b|tokens per iteration will be: ([\d,]+))")
+ENV_WORD = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+SAMPLE_MODEL = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.0)
+
+
+# -----------------------------------------------------------------------------
+# running a command and measuring its memory
+
+def process_table():
+    """{pid: ppid} of every process (this kernel has no /proc/<pid>/task/*/children)."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    # the command name may hold spaces and parentheses; ppid follows the last ')'
+                    table[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # the process ended while we looked
+    return table
+
+
+def proc_status(pid):
+    """(VmHWM in KiB, command line) of a live process, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            hwm = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return hwm, f.read().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+
+
+def watch_descendants(root, seen, stop, interval=0.5):
+    """Record {pid: (VmHWM KiB, cmdline)} of root's descendants until stop is set. VmHWM is a
+    high-water mark, so a sample every `interval` loses at most the growth of a worker's last
+    half second; wait4 cannot do this job because it reports the max, not the sum, over a tree."""
+    while not stop.wait(interval):
+        table = process_table()
+        frontier, tree = [root], []
+        while frontier:
+            pid = frontier.pop()
+            kids = [c for c, p in table.items() if p == pid]
+            tree += kids
+            frontier += kids
+        for pid in tree:
+            status = proc_status(pid)
+            if status:
+                seen[pid] = status
+
+
+def run_command(argv, env=None, echo=False, shell=False):
+    """Run to completion; return (exit code, output, ru_maxrss KiB, {pid: (VmHWM, cmd)} of
+    descendants, wall seconds). os.wait4 gives the peak RSS of the child (the kernel folds in
+    the max of the grandchildren it waited for, e.g. the python under a `bash -c`)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, shell=shell, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    seen, stop = {}, threading.Event()
+    watcher = threading.Thread(target=watch_descendants, args=(proc.pid, seen, stop), daemon=True)
+    watcher.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if echo:
+            print(line, end="", flush=True)
+    proc.stdout.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap it again
+    stop.set()
+    watcher.join()
+    return proc.returncode, "".join(lines), usage.ru_maxrss, seen, time.perf_counter() - t0
+
+
+# -----------------------------------------------------------------------------
+# one training run: ours (train.py) or an external command
+
+def split_setting(text):
+    """'OMP_NUM_THREADS=1 config/x.py --dtype=bfloat16' -> ({env}, [files], [overrides])."""
+    words = shlex.split(text)
+    env = {}
+    while words and ENV_WORD.match(words[0]):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    return env, [w for w in words if not w.startswith("--")], [w for w in words if w.startswith("--")]
+
+
+def train_argv(setting, common, out_dir, nproc):
+    """train.py's argv: config files first (common, then the setting's), then overrides
+    (the setting's win over the common ones), then the bench's own, which must win."""
+    env, files, overrides = split_setting(setting)
+    _, cfiles, coverrides = split_setting(shlex.join(common))
+    forced = [f"--out_dir={out_dir}", f"--eval_interval={HUGE}", "--eval_iters=1",
+              "--log_interval=1", f"--ckpt_interval={HUGE}"]
+    launcher = [sys.executable, TRAIN]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={nproc}", TRAIN]
+    return env, launcher + cfiles + files + coverrides + overrides + forced
+
+
+def read_metrics(out_dir):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def log_records(output):
+    """Per-iteration {'iter', 'ms', 'tokens_per_s'} parsed from stdout, for commands that
+    write no metrics.jsonl; tokens/s only when the command says its tokens per iteration."""
+    match = TOKENS_LINE.search(output)
+    tokens = int((match.group(1) or match.group(2)).replace(",", "")) if match else None
+    return [{"iter": int(it), "ms": float(ms), "tokens_per_s": tokens / float(ms) * 1000
+             if tokens and float(ms) > 0 else None} for it, ms in LOG_LINE.findall(output)]
+
+
+def median_of(records, key):
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(records, warmup, maxrss_kib, seen, wall_s):
+    """Medians over the iterations after the first `warmup` logged ones."""
+    steps = [r for r in records if "ms" in r]
+    if len(steps) <= warmup:
+        raise SystemExit(f"error: {len(steps)} iterations logged, not more than --warmup={warmup}; "
+                         f"raise --max_iters")
+    timed = steps[warmup:]
+    waits = [r.get("data_wait_ms") for r in steps]
+    wait = None
+    if None not in waits:  # cumulative since the start: the difference over the timed window
+        wait = (waits[-1] - (waits[warmup - 1] if warmup else 0.0)) / len(timed)
+    workers = [hwm for hwm, cmd in seen.values() if "train.py" in cmd]
+    cuda = [r["peak_cuda_mem_mb"] for r in records if "peak_cuda_mem_mb" in r]
+    return {"iters_timed": len(timed), "ms_per_iter": median_of(timed, "ms"),
+            "tokens_per_s": median_of(timed, "tokens_per_s"), "mfu": median_of(timed, "mfu"),
+            "data_wait_ms_per_iter": wait, "peak_rss_mb": maxrss_kib / 1024,
+            "workers_rss_sum_mb": sum(workers) / 1024 if workers else None,
+            "workers": len(workers), "peak_cuda_mem_mb": max(cuda) if cuda else None,
+            "wall_s": wall_s}
+
+
+def fail(rc, argv, output):
+    cmd = argv if isinstance(argv, str) else shlex.join(argv)
+    raise SystemExit(f"error: exited {rc}: {cmd}\n{output[-3000:]}")
+
+
+def bench_ours(setting, common, args):
+    """One train.py run of a setting; the numbers come from its metrics.jsonl."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as out_dir:
+        env, argv = train_argv(setting, common, out_dir, args.nproc)
+        rc, output, maxrss, seen, wall = run_command(argv, {**os.environ, **env}, args.verbose)
+        if rc != 0:
+            fail(rc, argv, output)
+        records = read_metrics(out_dir) or log_records(output)
+    result = summarize(records, args.warmup, maxrss, seen, wall)
+    result["command"] = " ".join(f"{k}={v}" for k, v in env.items()) + " " * bool(env) + shlex.join(argv)
+    return result
+
+
+def bench_external(command, args):
+    """One run of a shell command; the numbers come from its `iter N: ... time Yms` lines."""
+    rc, output, maxrss, seen, wall = run_command(command, echo=args.verbose, shell=True)
+    if rc != 0:
+        fail(rc, command, output)
+    result = summarize(log_records(output), args.warmup, maxrss, seen, wall)
+    result["command"] = command
+    return result
+
+
+# -----------------------------------------------------------------------------
+# training: one setting, or two interleaved
+
+def spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None, None
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt(value, spec, missing="n/a"):
+    return missing if value is None else format(value, spec)
+
+
+def fmt_spread(values, spec):
+    mid, lo, hi = spread(values)
+    if mid is None:
+        return "n/a"
+    return fmt(mid, spec) + ("" if lo == hi else f" ({fmt(lo, spec)}-{fmt(hi, spec)})")
+
+
+def peak_memory(run):
+    """Sum of the workers' peaks for a torchrun job, else the process's peak RSS."""
+    if run["workers"] > 1:
+        return run["workers_rss_sum_mb"]
+    return run["peak_rss_mb"]
+
+
+def aggregate(runs):
+    """Median over rounds of each round's median, with every round kept for the spread."""
+    keys = ("ms_per_iter", "tokens_per_s", "mfu", "data_wait_ms_per_iter")
+    out = {k: spread([r[k] for r in runs])[0] for k in keys}
+    out["peak_rss_mb"] = max(peak_memory(r) for r in runs)
+    cuda = [r["peak_cuda_mem_mb"] for r in runs if r["peak_cuda_mem_mb"] is not None]
+    out["peak_cuda_mem_mb"] = max(cuda) if cuda else None
+    out["rounds"] = runs
+    return out
+
+
+ROWS = [("ms/iter", "ms_per_iter", ".2f", 1), ("tokens/s", "tokens_per_s", ",.0f", 1),
+        ("MFU %", "mfu", ".1f", 100), ("data wait ms/iter", "data_wait_ms_per_iter", ".3f", 1)]
+
+
+def print_table(columns):
+    """One column per setting {label: runs}: medians across runs, (min-max) when they differ."""
+    runs = next(iter(columns.values()))
+    print(f"{runs[0]['iters_timed']} timed iterations per run (after --warmup), {len(runs)} "
+          f"run(s) per setting; medians, (min-max) across runs")
+    print(f"{'':<20}" + "".join(f"{label:>30}" for label in columns))
+    for title, key, spec, scale in ROWS:
+        cells = [fmt_spread([r[key] * scale if r[key] is not None else None for r in runs], spec)
+                 for runs in columns.values()]
+        print(f"{title:<20}" + "".join(f"{c:>30}" for c in cells))
+    cells = [fmt(max(peak_memory(r) for r in runs), ",.0f") for runs in columns.values()]
+    print(f"{'peak RSS MiB':<20}" + "".join(f"{c:>30}" for c in cells))
+    cells = [fmt_spread([r["peak_cuda_mem_mb"] for r in runs], ",.0f") for runs in columns.values()]
+    print(f"{'peak CUDA MiB':<20}" + "".join(f"{c:>30}" for c in cells))
+
+
+def bench_single(common, args):
+    runs = [bench_ours("", common, args) for _ in range(args.rounds or 1)]
+    print(f"command: {runs[0]['command']}")
+    print_table({"": runs})
+    return {"mode": "train", "result": aggregate(runs)}
+
+
+def bench_compare(setting_a, setting_b, common, args):
+    """A B A B ...: both settings see the same slow and fast spells of a shared machine, so
+    the ratio within a round is fairer than either absolute number."""
+    a_runs, b_runs = [], []
+    for i in range(args.rounds or 3):
+        a_runs.append(bench_ours(setting_a, common, args))
+        b_runs.append(bench_external(args.compare_cmd, args) if args.compare_cmd
+                      else bench_ours(setting_b, common, args))
+        print(f"round {i + 1}: A {a_runs[-1]['ms_per_iter']:.2f} ms/iter, "
+              f"B {b_runs[-1]['ms_per_iter']:.2f} ms/iter", flush=True)
+    print(f"A: {a_runs[0]['command']}\nB: {b_runs[0]['command']}")
+    print_table({"A": a_runs, "B": b_runs})
+    ratios = [b["tokens_per_s"] / a["tokens_per_s"] if a["tokens_per_s"] and b["tokens_per_s"]
+              else a["ms_per_iter"] / b["ms_per_iter"] for a, b in zip(a_runs, b_runs)]
+    print(f"B/A tokens/s: {fmt_spread(ratios, '.3f')} (per round: "
+          f"{', '.join(f'{r:.3f}' for r in ratios)})")
+    return {"mode": "compare", "A": aggregate(a_runs), "B": aggregate(b_runs),
+            "ratio_tokens_per_s": spread(ratios)[0], "ratios": ratios}
+
+
+# -----------------------------------------------------------------------------
+# sampling: KV cache against full recomputation
+
+def sample_cases(block_size, tokens):
+    """(name, new tokens, use_cache, window): the context filled from a 1-token prompt with
+    and without the cache, then a run past block_size in both window modes and uncached."""
+    short = block_size - 1
+    return [(f"{short} new, KV cache", short, True, "exact"),
+            (f"{short} new, no cache", short, False, "exact"),
+            (f"{tokens} new, cache exact", tokens, True, "exact"),
+            (f"{tokens} new, cache chunked", tokens, True, "chunked"),
+            (f"{tokens} new, no cache", tokens, False, "exact")]
+
+
+def sample_model(overrides, seed):
+    """A randomly initialised GPT in eval mode (no dropout); torch is imported only here so
+    that the training benchmarks' parent process stays small and quiet."""
+    import torch
+    from model import GPT, GPTConfig
+    config = dict(SAMPLE_MODEL)
+    for key, value in overrides.items():
+        if key not in GPTConfig.field_names():
+            raise SystemExit(f"error: --{key} is not a GPTConfig field ({', '.join(GPTConfig.field_names())})")
+        config[key] = value
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**config)).eval()
+
+
+def time_generate(model, prompt, n, use_cache, window):
+    """(seconds, tokens) of one greedy generation; greedy so cached and uncached must agree."""
+    import torch
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(prompt, n, temperature=0, use_cache=use_cache, window=window)
+        return time.perf_counter() - t0, out
+
+
+def first_difference(a, b):
+    diff = (a != b).nonzero()
+    return None if len(diff) == 0 else int(diff[0, 1])
+
+
+def check_greedy(model, prompt, cases, outputs):
+    """Cached greedy tokens must equal uncached ones (exact window: same context every step).
+    fp32 can flip a near-tied argmax, so a difference is re-checked in float64, where only
+    a real bug can make them differ."""
+    import copy
+    import torch
+    checks = []
+    for cached, uncached in ((0, 1), (2, 4)):
+        where = first_difference(outputs[cached], outputs[uncached])
+        check = {"cached": cases[cached][0], "uncached": cases[uncached][0],
+                 "fp32_first_difference": where, "fp64_first_difference": None}
+        if where is not None:
+            double = copy.deepcopy(model).double()
+            n = cases[cached][1]
+            _, a = time_generate(double, prompt, n, True, "exact")
+            _, b = time_generate(double, prompt, n, False, "exact")
+            check["fp64_first_difference"] = first_difference(a, b)
+        check["ok"] = check["fp64_first_difference"] is None
+        checks.append(check)
+    return checks
+
+
+def bench_sample(overrides, args):
+    import torch
+    model = sample_model(overrides, args.seed)
+    cases = sample_cases(model.config.block_size, args.tokens)
+    prompt = torch.zeros((args.num_samples, 1), dtype=torch.long)
+    for _, _, use_cache, window in cases:  # warm-up: first calls allocate and pick kernels
+        time_generate(model, prompt, 4, use_cache, window)
+    times, outputs = {c[0]: [] for c in cases}, []
+    for rep in range(args.repeats):  # interleaved: every case sees the same machine noise
+        for name, n, use_cache, window in cases:
+            seconds, out = time_generate(model, prompt, n, use_cache, window)
+            times[name].append(args.num_samples * n / seconds)
+            if rep == 0:
+                outputs.append(out)
+        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(
+            f"{name} {times[name][-1]:,.1f}" for name, *_ in cases) + " tokens/s", flush=True)
+    checks = check_greedy(model, prompt, cases, outputs)
+    print_sample(model, cases, times, checks, args)
+    return {"mode": "sample", "config": vars(model.config), "num_samples": args.num_samples,
+            "threads": torch.get_num_threads(), "tokens_per_s": times,
+            "median_tokens_per_s": {k: statistics.median(v) for k, v in times.items()},
+            "speedups": sample_speedups(cases, times), "greedy_checks": checks}
+
+
+SPEEDUPS = {"cache_vs_none_short": (0, 1), "exact_vs_none_long": (2, 4),
+            "chunked_vs_none_long": (3, 4), "chunked_vs_exact_long": (3, 2)}
+
+
+def sample_speedups(cases, times):
+    """Per-repeat ratios of tokens/s (same repeat, so the same machine noise)."""
+    return {key: [a / b for a, b in zip(times[cases[i][0]], times[cases[j][0]])]
+            for key, (i, j) in SPEEDUPS.items()}
+
+
+def print_sample(model, cases, times, checks, args):
+    import torch
+    c = model.config
+    print(f"sample: GPT {c.n_layer}x{c.n_embd} ({c.n_head} heads), block {c.block_size}, vocab "
+          f"{c.vocab_size}, batch {args.num_samples}, fp32, {torch.get_num_threads()} threads, "
+          f"{args.repeats} interleaved repeats; medians (min-max)")
+    print(f"{'case':<28}{'tokens/s':>26}{'ms/token':>10}")
+    for name, *_ in cases:
+        mid = statistics.median(times[name])
+        print(f"{name:<28}{fmt_spread(times[name], ',.1f'):>26}{1000 * args.num_samples / mid:>10.2f}")
+    for key, ratios in sample_speedups(cases, times).items():
+        i, j = SPEEDUPS[key]
+        print(f"speedup ({cases[i][0]}) / ({cases[j][0]}): {fmt_spread(ratios, '.2f')}x")
+    for check in checks:
+        verdict = "equal" if check["fp32_first_difference"] is None else (
+            f"differ from token {check['fp32_first_difference']} in fp32; float64: "
+            + ("equal (fp32 rounding on near-tied logits)" if check["ok"] else
+               f"DIFFER from token {check['fp64_first_difference']} (a bug)"))
+        print(f"greedy check, {check['cached']} vs {check['uncached']}: {verdict}")
+
+
+# -----------------------------------------------------------------------------
+
+def parse_args(argv):
+    """Bench options; everything else (config files, --key=value) passes through to
+    train.py, or, with --sample, sets GPTConfig fields. --compare takes the next two words
+    verbatim, because a setting may begin with '--', which argparse would take as an option."""
+    compare = None
+    if "--compare" in argv:
+        i = argv.index("--compare")
+        if len(argv) < i + 3:
+            raise SystemExit("error: --compare needs two settings, e.g. --compare \"--dtype=float32\" \"\"")
+        compare, argv = argv[i + 1:i + 3], argv[:i] + argv[i + 3:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compare-cmd", help="B: a shell command printing `iter N: ... time Yms` lines")
+    p.add_argument("--rounds", type=int, help="runs per setting (default 3 with a comparison, else 1)")
+    p.add_argument("--warmup", type=int, default=10, help="logged iterations to skip per run")
+    p.add_argument("--nproc", type=int, default=1, help="run train.py under torchrun with this many workers")
+    p.add_argument("--sample", action="store_true", help="benchmark sampling instead of training")
+    p.add_argument("--num_samples", type=int, default=1, help="--sample: batch size")
+    p.add_argument("--repeats", type=int, default=3, help="--sample: interleaved repeats")
+    p.add_argument("--tokens", type=int, default=500, help="--sample: length of the long runs")
+    p.add_argument("--seed", type=int, default=1337, help="--sample: weights")
+    p.add_argument("--json", help="also write the numbers to this file")
+    p.add_argument("--verbose", action="store_true", help="show the training runs' output")
+    args, rest = p.parse_known_args(argv)
+    args.compare = compare
+    return args, rest
+
+
+def sample_overrides(rest):
+    overrides = {}
+    for word in rest:
+        if not word.startswith("--") or "=" not in word:
+            raise SystemExit(f"error: --sample takes --key=value model settings, not {word!r}")
+        key, text = word[2:].split("=", 1)
+        try:
+            overrides[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[key] = text  # --norm=rmsnorm: a bare word is a string
+    return overrides
+
+
+def main(argv):
+    args, rest = parse_args(argv)
+    if args.sample:
+        report = bench_sample(sample_overrides(rest), args)
+    elif args.compare or args.compare_cmd:
+        a, b = args.compare or ("", None)
+        report = bench_compare(a, b, rest, args)
+    else:
+        report = bench_single(rest, args)
+    report["argv"] = argv
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
