@@ -17,6 +17,8 @@ from checkpoint import CheckpointError, build_model, load_checkpoint
 from model import GPT, GPTConfig
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# HF activation_function -> our mlp; gelu_pytorch_tanh is the same tanh GELU as gelu_new
+HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers
 # the files tiktoken's own gpt2 encoding reads; they are GPT-2's vocab.json and merges.txt
@@ -53,10 +55,10 @@ def check_hf_overrides(overrides):
 
 def config_from_hf(hf_config, source, dropout=None):
     """GPTConfig for an HF GPT2Config, refusing the variants our GPT does not compute."""
-    # gelu_pytorch_tanh is the same tanh approximation as gelu_new
-    if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+    mlp = HF_ACTIVATIONS.get(hf_config.activation_function)
+    if mlp is None:
         raise HFError(f"{source}: activation_function={hf_config.activation_function!r} is not "
-                      f"supported; only GPT-2's 'gelu_new' (tanh GELU) is")
+                      f"supported; only {', '.join(map(repr, HF_ACTIVATIONS))}")
     required = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "tie_word_embeddings": True,
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
                 "add_cross_attention": False}
@@ -69,7 +71,7 @@ def config_from_hf(hf_config, source, dropout=None):
     try:
         return GPTConfig(block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
                          n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
-                         dropout=0.0 if dropout is None else dropout, bias=True)
+                         dropout=0.0 if dropout is None else dropout, bias=True, mlp=mlp)
     except ValueError as e:
         raise HFError(f"{source}: {e}")
 
@@ -122,7 +124,8 @@ def check_exportable(config, source):
     gpt2 = GPTConfig(block_size=config.block_size, vocab_size=config.vocab_size, n_layer=config.n_layer,
                      n_head=config.n_head, n_embd=config.n_embd)
     for key in ("pos_emb", "norm", "mlp", "qk_norm", "tie_embeddings", "bias", "logit_softcap"):
-        if getattr(config, key) != getattr(gpt2, key):
+        allowed = set(HF_ACTIVATIONS.values()) if key == "mlp" else {getattr(gpt2, key)}
+        if getattr(config, key) not in allowed:
             raise HFError(f"{source}: {key}={getattr(config, key)!r} cannot be exported to HF GPT-2, "
                           f"which needs {key}={getattr(gpt2, key)!r}")
     if config.n_kv_head not in (0, config.n_head):
@@ -135,7 +138,8 @@ def hf_config_for(config):
     # GPT-2's <|endoftext|> only exists in a vocabulary that reaches it
     eot = GPT2_EOT if config.vocab_size > GPT2_EOT else None
     return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
-                      n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
+                      n_layer=config.n_layer, n_head=config.n_head,
+                      activation_function="gelu" if config.mlp == "gelu_exact" else "gelu_new",
                       resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
                       layer_norm_epsilon=1e-5, bos_token_id=eot, eos_token_id=eot,
                       architectures=["GPT2LMHeadModel"])

@@ -23,6 +23,10 @@ gradient_accumulation_steps = 1
 learning_rate = 1e-3  # a small network can take a large step
 min_lr = 1e-4
 beta2 = 0.99  # few tokens per iteration, so a longer second-moment average
+# nanoGPT's model for this recipe: no biases (its train.py default) and exact GELU (nn.GELU),
+# which torch 2.13 computes 5x faster than GPT-2's tanh GELU on CPU
+bias = False
+mlp = "gelu_exact"
 warmup_iters = 100
 
 if _gpu:

@@ -17,6 +17,9 @@ transformers = pytest.importorskip("transformers")
 HF_CONFIGS = {
     "small": dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100),
     "odd_vocab": dict(n_layer=3, n_head=4, n_embd=48, n_positions=32, vocab_size=257),
+    # exact (erf) GELU, as nanoGPT's models: imported as mlp='gelu_exact'
+    "erf_gelu": dict(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=65,
+                     activation_function="gelu"),
 }
 
 
@@ -159,7 +162,7 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, capsys, option, value
 
 
 @pytest.mark.parametrize("key, value", [
-    ("activation_function", "gelu"), ("activation_function", "relu"), ("layer_norm_epsilon", 1e-6),
+    ("activation_function", "relu"), ("layer_norm_epsilon", 1e-6),
     ("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True), ("n_inner", 100)])
 def test_import_refuses_other_gpt2_variants(tmp_path, key, value):
     cfg = transformers.GPT2Config(bos_token_id=None, eos_token_id=None, **HF_CONFIGS["small"], **{key: value})

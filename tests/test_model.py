@@ -19,6 +19,7 @@ ARCHS = {
     "gpt2": {},
     "rope": dict(pos_emb="rope"),
     "rmsnorm": dict(norm="rmsnorm"),
+    "gelu_exact": dict(mlp="gelu_exact"),
     "relu2": dict(mlp="relu2"),
     "swiglu": dict(mlp="swiglu", multiple_of=48),
     "gqa": dict(n_kv_head=2),
@@ -239,3 +240,66 @@ def test_top_p_keeps_the_token_that_crosses_the_threshold(top_p, allowed):
     kept = torch.tensor([0.5, 0.3, 0.15, 0.05])[sorted(allowed)]
     expected = kept / kept.sum()
     torch.testing.assert_close(counts[sorted(allowed)] / 4000.0, expected, atol=0.03, rtol=0)
+
+
+def test_cpu_bf16_attention_is_fp32_sdpa():
+    """Under CPU bf16 autocast, attention is fp32 SDPA of the bf16 inputs, rounded once."""
+    from model import attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(q, k, v, None, True, 0.0, False)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref.bfloat16())
+    y.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all()
+
+
+def test_cpu_linear_matches_aten_with_gradients():
+    """model.Linear (oneDNN on fp32 CPU) against F.linear: outputs and all three gradients."""
+    from model import Linear
+    torch.manual_seed(0)
+    layer = Linear(48, 80)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref, b_ref = (p.detach().clone().requires_grad_() for p in (layer.weight, layer.bias))
+    y, y_ref = layer(x), torch.nn.functional.linear(x_ref, w_ref, b_ref)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in ((x.grad, x_ref.grad), (layer.weight.grad, w_ref.grad), (layer.bias.grad, b_ref.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def small_slices(monkeypatch):
+    """DropoutAttention in slices of 2 heads, so the slicing itself is exercised."""
+    from model import DropoutAttention
+    monkeypatch.setattr(DropoutAttention, "ROWS", 2 * 16 * 16)
+    return DropoutAttention
+
+
+def test_dropout_attention_without_dropout_is_sdpa(small_slices):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    y = small_slices.apply(q, k, v, 0.0, 5)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(y, ref)
+    grad = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_dropout_attention_gradients_and_masks(small_slices):
+    """Backward regenerates forward's masks: gradcheck holds with dropout; a seed fixes the
+    masks; about p of the probabilities are dropped."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: small_slices.apply(a, b, c, 0.3, 7), (q, k, v))
+    assert torch.equal(small_slices.apply(q, k, v, 0.3, 7), small_slices.apply(q, k, v, 0.3, 7))
+    assert not torch.equal(small_slices.apply(q, k, v, 0.3, 7), small_slices.apply(q, k, v, 0.3, 8))
+    # with v = 1 a row's output is (kept probability mass) / (1 - p): 1 on average
+    ones = torch.ones(8, 4, 64, 8, dtype=torch.float64)
+    y = small_slices.apply(torch.zeros_like(ones), torch.zeros_like(ones), ones, 0.3, 1)
+    assert abs(y[:, :, 16:].mean().item() - 1.0) < 0.02

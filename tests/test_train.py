@@ -440,3 +440,19 @@ def test_wandb_offline(tmp_path, char_data):
     run_dir = os.path.join(wandb_dir, "wandb", runs[0])
     assert any(f.endswith(".wandb") for f in os.listdir(run_dir))
     assert sorted(step_losses(read_metrics(out))) == [0, 1, 2], "metrics.jsonl is written as well"
+
+
+@pytest.mark.parametrize("config_file", ["train_shakespeare_char.py", "speedrun_shakespeare_char_cpu.py",
+                                         "train_llama_shakespeare.py", "train_gpt2.py"])
+def test_config_files_train(config_file, char_data, tmp_path):
+    """Each training config's own model and optimizer settings run two steps (data, batch and
+    length shrunk so that even GPT-2 124M takes seconds)."""
+    out_dir = str(tmp_path / "out")
+    p = run_raw([f"config/{config_file}", f"--data_dir={char_data}", f"--out_dir={out_dir}",
+                 "--device=cpu", "--compile=False", "--wandb_log=False", "--batch_size=2",
+                 "--block_size=32", "--gradient_accumulation_steps=1", "--max_iters=2",
+                 "--lr_decay_iters=2", "--warmup_iters=1", "--eval_iters=1", "--log_interval=1"],
+                timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    losses = [r["loss"] for r in read_metrics(out_dir) if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
