@@ -20,6 +20,12 @@ through the shell in this directory (e.g. nanoGPT):
     python bench.py config/train_shakespeare_char.py --max_iters=60 \
         --compare-cmd "cd /tmp/nanoGPT && python train.py config/train_shakespeare_char.py ..."
 
+Time to quality: whole runs (their own schedules and evaluations), timed from launch to
+their best val loss and to a target, A B A B ...:
+
+    python bench.py --quality --target=1.886 --compare config/train_shakespeare_char.py \
+        config/speedrun_shakespeare_char_cpu.py --device=cpu
+
 Sampling speed with and without the KV cache (model size as --n_layer=... etc.):
 
     python bench.py --sample [--num_samples=1] [--repeats=3] [--tokens=500]
@@ -47,6 +53,7 @@ HUGE = 10**9  # an interval that never comes: no evaluations or checkpoints insi
 LOG_LINE = re.compile(r"^iter (\d+): loss [^,\s]+,.*?\btime ([\d.]+) ?ms", re.M)
 # ours: "..., 768 tokens per iteration"; nanoGPT: "tokens per iteration will be: 768"
 TOKENS_LINE = re.compile(r"(?:([\d,]+) tokens per iteration\b|tokens per iteration will be: ([\d,]+))")
+EVAL_LINE = re.compile(r"^step (\d+): train loss [^,]+, val loss ([\d.]+|nan|inf)")
 ENV_WORD = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 SAMPLE_MODEL = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.0)
 
@@ -97,10 +104,11 @@ def watch_descendants(root, seen, stop, interval=0.5):
                 seen[pid] = status
 
 
-def run_command(argv, env=None, echo=False, shell=False):
+def run_command(argv, env=None, echo=False, shell=False, stamps=None):
     """Run to completion; return (exit code, output, ru_maxrss KiB, {pid: (VmHWM, cmd)} of
     descendants, wall seconds). os.wait4 gives the peak RSS of the child (the kernel folds in
-    the max of the grandchildren it waited for, e.g. the python under a `bash -c`)."""
+    the max of the grandchildren it waited for, e.g. the python under a `bash -c`). `stamps`,
+    a list, receives (seconds since launch, line) for every line as it arrives."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, shell=shell, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -110,6 +118,8 @@ def run_command(argv, env=None, echo=False, shell=False):
     lines = []
     for line in proc.stdout:
         lines.append(line)
+        if stamps is not None:
+            stamps.append((time.perf_counter() - t0, line))
         if echo:
             print(line, end="", flush=True)
     proc.stdout.close()
@@ -305,6 +315,60 @@ def bench_compare(setting_a, setting_b, common, args):
 
 
 # -----------------------------------------------------------------------------
+# time to quality: whole runs, each with its own schedule and evaluations
+
+def eval_times(stamps):
+    """[(seconds since launch, iter, val loss)] from train.py's `step N: ... val loss X` lines."""
+    evals = []
+    for seconds, line in stamps:
+        match = EVAL_LINE.match(line)
+        if match:
+            evals.append((seconds, int(match.group(1)), float(match.group(2))))
+    return evals
+
+
+def bench_to_val(setting, common, args):
+    """One complete train.py run of a setting, timed from launch (imports and data included)."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as out_dir:
+        env, files, overrides = split_setting(setting)
+        _, cfiles, coverrides = split_setting(shlex.join(common))
+        argv = [sys.executable, TRAIN] + cfiles + files + coverrides + overrides + \
+            [f"--out_dir={out_dir}", "--init_from=scratch", "--wandb_log=False"]
+        stamps = []
+        env = {**env, "PYTHONUNBUFFERED": "1"}  # lines must arrive when printed to be timed
+        rc, output, _, _, wall = run_command(argv, {**os.environ, **env}, args.verbose, stamps=stamps)
+        if rc != 0:
+            fail(rc, argv, output)
+    evals = eval_times(stamps)
+    if not evals:
+        raise SystemExit(f"error: no `step N: ... val loss X` line from {shlex.join(argv)}")
+    best = min(evals, key=lambda e: e[2])
+    target = next((e for e in evals if e[2] <= args.target), None) if args.target else None
+    return {"command": shlex.join(argv), "wall_s": wall, "evals": evals, "best_val_loss": best[2],
+            "best_iter": best[1], "s_to_best": best[0], "s_to_target": target and target[0],
+            "target_iter": target and target[1]}
+
+
+def bench_quality(settings, common, args):
+    """A B A B ...: wall time from launch to each run's best val loss and to --target. The
+    ratio printed is B's time to the target over A's time to its own best."""
+    runs = {label: [] for label in ("A", "B")}
+    for i in range(args.rounds or 1):
+        for label, setting in zip(runs, settings):
+            run = bench_to_val(setting, common, args)
+            runs[label].append(run)
+            print(f"round {i + 1} {label}: best val {run['best_val_loss']:.4f} at iter {run['best_iter']} "
+                  f"after {run['s_to_best']:.1f} s; <= {args.target}: "
+                  f"{fmt(run['s_to_target'], '.1f', 'never')} s; whole run {run['wall_s']:.1f} s", flush=True)
+    for label in runs:
+        print(f"{label}: {runs[label][0]['command']}")
+    ratios = [b["s_to_target"] / a["s_to_best"] if b["s_to_target"] else None
+              for a, b in zip(runs["A"], runs["B"])]
+    print(f"B's seconds to val <= {args.target} / A's seconds to its best val: {fmt_spread(ratios, '.3f')}")
+    return {"mode": "quality", "target": args.target, "A": runs["A"], "B": runs["B"], "ratios": ratios}
+
+
+# -----------------------------------------------------------------------------
 # sampling: KV cache against full recomputation
 
 def sample_cases(block_size, tokens):
@@ -441,6 +505,9 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, help="runs per setting (default 3 with a comparison, else 1)")
     p.add_argument("--warmup", type=int, default=10, help="logged iterations to skip per run")
     p.add_argument("--nproc", type=int, default=1, help="run train.py under torchrun with this many workers")
+    p.add_argument("--quality", action="store_true",
+                   help="with --compare: time whole runs to their best val loss and to --target")
+    p.add_argument("--target", type=float, help="--quality: the val loss to reach")
     p.add_argument("--sample", action="store_true", help="benchmark sampling instead of training")
     p.add_argument("--num_samples", type=int, default=1, help="--sample: batch size")
     p.add_argument("--repeats", type=int, default=3, help="--sample: interleaved repeats")
@@ -470,6 +537,10 @@ def main(argv):
     args, rest = parse_args(argv)
     if args.sample:
         report = bench_sample(sample_overrides(rest), args)
+    elif args.quality:
+        if not args.compare:
+            raise SystemExit("error: --quality needs --compare A B (two settings to time)")
+        report = bench_quality(args.compare, rest, args)
     elif args.compare or args.compare_cmd:
         a, b = args.compare or ("", None)
         report = bench_compare(a, b, rest, args)
