@@ -499,7 +499,7 @@ def parse_args(argv):
         if len(argv) < i + 3:
             raise SystemExit("error: --compare needs two settings, e.g. --compare \"--dtype=float32\" \"\"")
         compare, argv = argv[i + 1:i + 3], argv[:i] + argv[i + 3:]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compare-cmd", help="B: a shell command printing `iter N: ... time Yms` lines")
     p.add_argument("--rounds", type=int, help="runs per setting (default 3 with a comparison, else 1)")

@@ -10,12 +10,12 @@
 #     tokens to a given loss than the reference AdamW recipe here
 #   - a modern block (RoPE, RMSNorm, ReLU^2, no biases): cheaper and learns faster
 #   - bf16 autocast: the CPU has AVX-512 BF16, so the matmuls (most of the step) run faster
-#     (fp32: val 1.8546 in 26.8 s; bf16: 1.8586 in 21.6 s, same machine)
+#     (fp32: val 1.8546 in 26.8 s; bf16: 1.8586 in 21.6 s, one after the other)
 #   - batch 24: fewer, larger matmuls per token; as token-efficient as batch 12 with Muon
 #   - a short warmup-stable-decay schedule that ends exactly at max_iters, where the one
 #     evaluation that matters happens, so the run stops right after it reaches the target
-# Measured with bench.py --quality (README, "Benchmarks"): val 1.8586 at iter 300 after 21.6 s
-# from launch, against 67.1 s for the CPU recipe to reach its best val (1.9025): 0.32x.
+# Measured with bench.py --quality (README, "Benchmarks"): val 1.8586 at iter 300 after 19.2 s
+# from launch, against 64.2 s for the CPU recipe to reach its best val (1.8940): 0.30x.
 
 out_dir = "out-speedrun-shakespeare-char-cpu"
 dataset = "shakespeare_char"
