@@ -578,4 +578,9 @@ if __name__ == "__main__":
     if wandb_log and master_process:
         wandb.finish()
     if ddp:
+        # gloo frees a finished collective's tensors on its own threads; one still doing so when
+        # Python shuts down cannot take the GIL and aborts the process (exit -6, "terminate
+        # called without an active exception", seen in 1 of ~8 torchrun eval_only runs).
+        # Waiting on a barrier, with the GIL released, lets them finish first.
+        dist.barrier()
         dist.destroy_process_group()
