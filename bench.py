@@ -47,7 +47,7 @@ import time
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(REPO, "train.py")
-HUGE = 10**9  # an interval that never comes: no evaluations or checkpoints inside the timing
+HUGE = 10**9  # an interval that never comes
 # ours: "iter 10: loss 3.2900, lr 7.52e-03, time 18.0ms, ..."; nanoGPT: "iter 10: loss 3.2900,
 # time 18.00ms, mfu ..."
 LOG_LINE = re.compile(r"^iter (\d+): loss [^,\s]+,.*?\btime ([\d.]+) ?ms", re.M)
@@ -143,26 +143,21 @@ def split_setting(text):
     return env, [w for w in words if not w.startswith("--")], [w for w in words if w.startswith("--")]
 
 
-def train_argv(setting, common, out_dir, nproc):
+# speed runs: no evaluations or checkpoints inside the timing, a log line every iteration
+TIMING = [f"--eval_interval={HUGE}", "--eval_iters=1", "--log_interval=1", f"--ckpt_interval={HUGE}"]
+
+
+def train_argv(setting, common, out_dir, nproc, forced=TIMING):
     """train.py's argv: config files first (common, then the setting's), then overrides
     (the setting's win over the common ones), then the bench's own, which must win."""
     env, files, overrides = split_setting(setting)
     _, cfiles, coverrides = split_setting(shlex.join(common))
-    forced = [f"--out_dir={out_dir}", f"--eval_interval={HUGE}", "--eval_iters=1",
-              "--log_interval=1", f"--ckpt_interval={HUGE}"]
+    forced = [f"--out_dir={out_dir}", *forced]
     launcher = [sys.executable, TRAIN]
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc_per_node={nproc}", TRAIN]
     return env, launcher + cfiles + files + coverrides + overrides + forced
-
-
-def read_metrics(out_dir):
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def log_records(output):
@@ -212,6 +207,7 @@ def bench_ours(setting, common, args):
         rc, output, maxrss, seen, wall = run_command(argv, {**os.environ, **env}, args.verbose)
         if rc != 0:
             fail(rc, argv, output)
+        from train import read_metrics  # train.py writes the file, so it reads it too
         records = read_metrics(out_dir) or log_records(output)
     result = summarize(records, args.warmup, maxrss, seen, wall)
     result["command"] = " ".join(f"{k}={v}" for k, v in env.items()) + " " * bool(env) + shlex.join(argv)
@@ -330,10 +326,8 @@ def eval_times(stamps):
 def bench_to_val(setting, common, args):
     """One complete train.py run of a setting, timed from launch (imports and data included)."""
     with tempfile.TemporaryDirectory(prefix="bench-") as out_dir:
-        env, files, overrides = split_setting(setting)
-        _, cfiles, coverrides = split_setting(shlex.join(common))
-        argv = [sys.executable, TRAIN] + cfiles + files + coverrides + overrides + \
-            [f"--out_dir={out_dir}", "--init_from=scratch", "--wandb_log=False"]
+        env, argv = train_argv(setting, common, out_dir, args.nproc,
+                               forced=["--init_from=scratch", "--wandb_log=False"])
         stamps = []
         env = {**env, "PYTHONUNBUFFERED": "1"}  # lines must arrive when printed to be timed
         rc, output, _, _, wall = run_command(argv, {**os.environ, **env}, args.verbose, stamps=stamps)
@@ -383,8 +377,7 @@ def sample_cases(block_size, tokens):
 
 
 def sample_model(overrides, seed):
-    """A randomly initialised GPT in eval mode (no dropout); torch is imported only here so
-    that the training benchmarks' parent process stays small and quiet."""
+    """A randomly initialised GPT in eval mode (no dropout)."""
     import torch
     from model import GPT, GPTConfig
     config = dict(SAMPLE_MODEL)

@@ -281,6 +281,15 @@ def append_metrics(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def read_metrics(out_dir):
+    """The records of out_dir/metrics.jsonl, oldest first; [] before the first one."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def truncate_metrics(path, iter_num):
     """Drop records at or after iter_num, left by a run that died after its last checkpoint,
     so the resumed run's file reads as one history."""

@@ -14,6 +14,8 @@ import time
 import numpy as np
 import pytest
 
+from train import read_metrics  # noqa: F401  (train.py writes metrics.jsonl; tests read it)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "train.py")
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")
@@ -122,14 +124,6 @@ def run_torchrun(nproc, out_dir, data_dir, timeout=300, check=True, **overrides)
         pytest.fail(f"torchrun exited {p.returncode}\ncmd: {' '.join(cmd)}\n"
                     f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-5000:]}")
     return p
-
-
-def read_metrics(out_dir):
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def step_losses(records):
