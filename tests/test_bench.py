@@ -121,3 +121,17 @@ def test_summary_data_wait():
     assert s["peak_rss_mb"] == 2.0
     with pytest.raises(SystemExit):
         bench.summarize(steps, 6, 2048, {}, 1.0)
+
+
+def test_quality_times_whole_runs(tiny_data, tmp_path):
+    # each setting runs its own schedule: evaluations at iter 0 and at its max_iters
+    out, report = run_bench(*TINY_TRAIN, f"--data_dir={tiny_data}", "--quality", "--target=10",
+                            "--compare", "--max_iters=8", "--max_iters=4", tmp_path=tmp_path)
+    a, b = report["A"][0], report["B"][0]
+    assert [e[1] for e in a["evals"]] == [0, 8] and [e[1] for e in b["evals"]] == [0, 4]
+    assert 0 < a["evals"][0][0] < a["evals"][1][0] <= a["wall_s"]  # seconds since launch
+    assert a["best_val_loss"] == min(e[2] for e in a["evals"])
+    # every val loss is under 10, so the target is reached at the first evaluation
+    assert b["s_to_target"] == b["evals"][0][0] and b["target_iter"] == 0
+    assert report["ratios"] == [pytest.approx(b["s_to_target"] / a["s_to_best"])]
+    assert "--init_from=scratch" in a["command"] and "B's seconds to val <= 10.0" in out
