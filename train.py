@@ -219,6 +219,38 @@ def set_grad_sync(model, sync):
         model.set_requires_gradient_sync(sync)
 
 
+def step_optimizers(optimizers, scaler, finite):
+    """Step each optimizer unless `finite` (a 0-d float tensor, 1.0 or 0.0, the same on every
+    rank) is 0, without a host sync where the optimizer can skip on the device: fused Adam/AdamW
+    leave parameters and state untouched when given found_inf=1. Others (Muon) read the flag on
+    the host. With fp16 the GradScaler skips inf/NaN gradients itself, in the same way."""
+    host_finite = None
+    for opt in optimizers:
+        if scaler.is_enabled():
+            scaler.step(opt)
+        elif all(group.get("fused") for group in opt.param_groups):
+            opt.found_inf = 1.0 - finite
+            opt.step()
+            del opt.found_inf
+        else:
+            if host_finite is None:
+                host_finite = finite.item() > 0
+            if host_finite:
+                opt.step()
+
+
+def tally_skips(finite_flags, first_iter, bad_steps):
+    """The non-finite guard's host side, run only at steps that read the device anyway (log and
+    checkpoint steps): finite_flags are the flags of iterations first_iter, first_iter + 1, ...
+    Returns [(iter, bad steps in a row)] for each skipped update, and the count after the last."""
+    skipped = []
+    for i, ok in enumerate(torch.stack(finite_flags).tolist() if finite_flags else []):
+        bad_steps = 0 if ok else bad_steps + 1
+        if not ok:
+            skipped.append((first_iter + i, bad_steps))
+    return skipped, bad_steps
+
+
 def clip_gradients(model, grad_clip):
     """Global gradient norm (a plain tensor, also under FSDP2), clipped to grad_clip if set."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
@@ -253,8 +285,10 @@ def try_compile(model, x, y, ctx):
 class StopSignal:
     """SIGTERM/SIGINT ask the loop to stop after the current step; a second SIGINT aborts."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, ddp=False):
+        self.requested, self.ddp = False, ddp
+        # any_rank asks every step, so over gloo on CPU tensors: it never waits for a GPU
+        self.group = dist.new_group(backend="gloo") if ddp and dist.get_backend() != "gloo" else None
         signal.signal(signal.SIGTERM, self.handle)
         signal.signal(signal.SIGINT, self.handle)
 
@@ -266,11 +300,12 @@ class StopSignal:
         print(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again aborts)",
               file=sys.stderr, flush=True)
 
-    def any_rank(self, ddp, device):
-        if not ddp:
+    def any_rank(self):
+        """Whether any rank saw a signal, so that every rank stops at the same step."""
+        if not self.ddp:
             return self.requested
-        flag = torch.tensor(float(self.requested), device=device)
-        dist.all_reduce(flag)  # every rank stops at the same step, whichever saw the signal
+        flag = torch.tensor(float(self.requested))
+        dist.all_reduce(flag, group=self.group)
         return flag.item() > 0
 
 
@@ -482,10 +517,11 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # training loop
-    stop = StopSignal()
+    stop = StopSignal(ddp)
     resume_path = os.path.join(out_dir, "ckpt_dcp") if fsdp else ckpt_path
     start_iter = iter_num
     ckpt_every = ckpt_interval or eval_interval
+    finite_flags = []  # one per step since the host last counted skipped updates
     t0 = time.perf_counter()
     while True:
         # evaluate, keep the best weights
@@ -530,31 +566,35 @@ if __name__ == "__main__":
             loss_sum += loss.detach().float()
             scaler.scale(loss / grad_accum).backward()
 
-        # clip the unscaled gradients; skip the update if the loss or gradients are not finite
+        # clip the unscaled gradients; skip the update if the loss or gradients are not finite,
+        # decided on the device: the host learns of it at the next log or checkpoint step
         for opt in optimizers:
             scaler.unscale_(opt)
         grad_norm = clip_gradients(raw_model, grad_clip)
         # with fp16, inf gradients are the GradScaler's business: it skips the step and rescales
-        finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | scaler.is_enabled())
+        finite = (torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | scaler.is_enabled())).float()
         if ddp:
-            finite = finite.float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item():
-            for opt in optimizers:
-                scaler.step(opt)
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            if master_process:
-                print(f"iter {iter_num}: non-finite loss or gradient, update skipped "
-                      f"({bad_steps}/{max_bad_steps} in a row)", file=sys.stderr)
-                append_metrics(metrics_path, {"iter": iter_num, "skipped_step": True, "bad_steps": bad_steps})
-            if bad_steps >= max_bad_steps:
-                raise TrainingError(f"{bad_steps} non-finite steps in a row at iter {iter_num}; lower "
-                                    f"learning_rate or check the data; {ckpt_path} holds the last good state")
+        step_optimizers(optimizers, scaler, finite)
         scaler.update()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+        finite_flags.append(finite)
+
+        # count skipped updates where the host waits for the device anyway; stop after too many
+        stopping = stop.any_rank()
+        if (iter_num % log_interval == 0 or stopping or (iter_num + 1) % ckpt_every == 0
+                or iter_num + 1 >= max_iters):
+            skipped, bad_steps = tally_skips(finite_flags, iter_num + 1 - len(finite_flags), bad_steps)
+            finite_flags = []
+            for it, run in skipped:
+                if master_process:
+                    print(f"iter {it}: non-finite loss or gradient, update skipped "
+                          f"({run}/{max_bad_steps} in a row)", file=sys.stderr)
+                    append_metrics(metrics_path, {"iter": it, "skipped_step": True, "bad_steps": run})
+                if run >= max_bad_steps:
+                    raise TrainingError(f"{run} non-finite steps in a row at iter {it}; lower "
+                                        f"learning_rate or check the data; {ckpt_path} holds the last good state")
 
         # log
         if iter_num % log_interval == 0:
@@ -577,7 +617,7 @@ if __name__ == "__main__":
         iter_num += 1
 
         # a signal on any rank: save at this step on every rank, exit 0
-        if stop.any_rank(ddp, device):
+        if stopping:
             save(ckpt_path)
             if master_process:
                 print(f"saved {resume_path} at iter {iter_num}; resume with --init_from=resume")

@@ -1,9 +1,10 @@
 """
 Exact resume and crash safety: a run stopped and resumed is bitwise the run that was never
 stopped; SIGTERM/SIGINT save and exit 0; kill -9 at any moment (also mid-save) leaves a
-loadable checkpoint; non-finite steps are skipped and stop the run; a failed write (full
-disk) keeps the previous checkpoint byte for byte.
+loadable checkpoint; non-finite steps are skipped (on the device, without a host sync) and
+stop the run; a failed write (full disk) keeps the previous checkpoint byte for byte.
 """
+import json
 import os
 import random
 import resource
@@ -22,6 +23,8 @@ from trainutil import (REPO, TRAIN, char_data, child_env, kill_tree, last_logged
 
 sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
+import train  # noqa: E402  (helpers only)
+from model import GPT, GPTConfig  # noqa: E402
 
 
 def load(out, name="ckpt.pt"):
@@ -288,6 +291,98 @@ def test_non_finite_stop_keeps_last_good_checkpoint(tmp_path, sane_run, char_dat
     for group in ckpt["optimizer"][0]["param_groups"]:
         assert group["base_lr"] == 5e-4 and group["lr"] == pytest.approx(5e-4)
     assert sorted(g["weight_decay"] for g in ckpt["optimizer"][0]["param_groups"]) == [0.0, 0.05]
+
+
+def test_skipped_steps_are_counted_at_log_steps(tmp_path, sane_run, char_data):
+    """The host reads the non-finite flags only at log and checkpoint steps; what it reports
+    there (each skipped iter, the run length, the stop) is what logging every step reports."""
+    bad = dict(init_from="resume", learning_rate=1e30, grad_clip=0, warmup_iters=0, decay_lr=False,
+               max_bad_steps=3, max_iters=50, ckpt_interval=100, check=False)
+    every, sparse = copy_run(sane_run, tmp_path / "every"), copy_run(sane_run, tmp_path / "sparse")
+    p_every = run_train(every, char_data, log_interval=1, **bad)
+    p_sparse = run_train(sparse, char_data, log_interval=7, **bad)
+    assert p_every.returncode == p_sparse.returncode == 1
+    skips = [[line.replace(out, "OUT") for line in p.stderr.splitlines()
+              if "update skipped" in line or "error:" in line]
+             for p, out in ((p_every, every), (p_sparse, sparse))]
+    assert len(skips[0]) == 4 and skips[0] == skips[1]
+    assert [r for r in read_metrics(every) if r.get("skipped_step")] == \
+        [r for r in read_metrics(sparse) if r.get("skipped_step")]
+
+
+def test_step_optimizers_skips_on_the_device(monkeypatch):
+    """finite=0 leaves weights and optimizer state bitwise as they were; finite=1 is a plain
+    step. Fused AdamW decides without reading the flag on the host; Muon reads it."""
+    def make():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+        opts = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", "muon", 0.02, 0.95)
+        for _ in range(2):  # some optimizer state to keep
+            x = torch.randint(0, 32, (2, 8))
+            model(x, x)[1].backward()
+            for opt in opts:
+                opt.step()
+        model(x, x)[1].backward()
+        return model, opts
+
+    def state(model, opts):
+        return [t.clone() for t in model.state_dict().values()] + [
+            v.clone() for opt in opts for s in opt.state.values() for v in s.values()]
+
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model, opts = make()
+    before = state(model, opts)
+    adamw, muon = opts
+    assert adamw.param_groups[0]["fused"] and not muon.param_groups[0].get("fused")
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", lambda t: pytest.fail("fused AdamW read the flag on the host"))
+        train.step_optimizers([adamw], scaler, torch.tensor(0.0))
+    train.step_optimizers([muon], scaler, torch.tensor(0.0))
+    assert all(torch.equal(a, b) for a, b in zip(before, state(model, opts)))
+    train.step_optimizers(opts, scaler, torch.tensor(1.0))
+    stepped = state(model, opts)
+    model, opts = make()
+    for opt in opts:
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(stepped, state(model, opts)))
+    assert not all(torch.equal(a, b) for a, b in zip(before, stepped))
+
+
+# the training loop, run inside a process that records every read of a tensor by the host
+# (item, bool, float, int, tolist) with the loop's iter_num at that moment
+HOST_READ_PROBE = """
+import json, runpy, sys, torch
+reads = []
+def probe(name):
+    original = getattr(torch.Tensor, name)
+    def read(self, *args):
+        frame = sys._getframe(1)
+        while frame and not (frame.f_code.co_name == "<module>" and frame.f_code.co_filename == sys.argv[0]):
+            frame = frame.f_back
+        if frame is not None and "iter_num" in frame.f_globals:
+            reads.append([frame.f_globals["iter_num"], name, sys._getframe(1).f_code.co_name])
+        return original(self, *args)
+    setattr(torch.Tensor, name, read)
+for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+    probe(name)
+out, sys.argv = sys.argv[1], sys.argv[2:]  # argv: -c OUT train.py --settings...
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    json.dump(reads, open(out, "w"))
+"""
+
+
+def test_steps_between_log_steps_have_no_host_sync(tmp_path, char_data):
+    out, reads_path = str(tmp_path / "out"), str(tmp_path / "reads.json")
+    cmd = [sys.executable, "-c", HOST_READ_PROBE, reads_path, TRAIN,
+           *train_args(out, char_data, log_interval=5, eval_interval=1000, max_iters=12)]
+    p = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    reads = json.load(open(reads_path))
+    assert any(it == 5 and name == "item" for it, name, _ in reads), "the probe sees log steps"
+    # iters 0, 5, 10 log; 11 is the last step before the save at 12; eval runs at 0 and 12
+    assert [r for r in reads if r[0] not in (0, 5, 10, 11, 12)] == []
 
 
 def test_save_checkpoint_refuses_nan(tmp_path):
