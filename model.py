@@ -145,8 +145,9 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and names) whose fp32 CPU matmuls go through oneDNN."""
 
     def forward(self, x):
+        # torch.compile lowers F.linear itself (its oneDNN lowering wants frozen weights)
         if (ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_autocast_enabled("cpu")):
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return OneDNNLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
