@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import GPT, GPTConfig, KVCache, sample_next
 
@@ -242,17 +243,46 @@ def test_top_p_keeps_the_token_that_crosses_the_threshold(top_p, allowed):
     torch.testing.assert_close(counts[sorted(allowed)] / 4000.0, expected, atol=0.03, rtol=0)
 
 
-def test_cpu_bf16_attention_is_fp32_sdpa():
-    """Under CPU bf16 autocast, attention is fp32 SDPA of the bf16 inputs, rounded once."""
-    from model import attention
+def test_probs_attention_matches_sdpa_and_gradcheck():
+    """ProbsAttention (bf16 CPU attention) is exact causal attention: gradcheck in float64, and
+    outputs and gradients equal to SDPA's in fp32."""
+    from model import ProbsAttention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    assert torch.autograd.gradcheck(ProbsAttention.apply, (q, k, v))
+    q, k, v = (torch.randn(3, 4, 16, 8, generator=g).requires_grad_() for _ in range(3))
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn(3, 4, 16, 8, generator=g)
+    y, y_ref = ProbsAttention.apply(q, k, v), F.scaled_dot_product_attention(*ref, is_causal=True)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip((q, k, v), ref):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("probs_limit", [1 << 24, 0])
+def test_cpu_bf16_attention(monkeypatch, probs_limit):
+    """Under CPU bf16 autocast, attention is ProbsAttention in bf16 while the probabilities are
+    small, else fp32 SDPA of the bf16 inputs rounded once; both are close to fp32 attention."""
+    from model import ProbsAttention, attention
+    monkeypatch.setattr(ProbsAttention, "PROBS", probs_limit)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 16, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = attention(q, k, v, None, True, 0.0, False)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
-    assert y.dtype == torch.bfloat16 and torch.equal(y, ref.bfloat16())
-    y.float().sum().backward()
-    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all()
+    y_ref = F.scaled_dot_product_attention(*ref, is_causal=True)
+    assert y.dtype == torch.bfloat16
+    if probs_limit == 0:
+        assert torch.equal(y, y_ref.bfloat16())
+    torch.testing.assert_close(y.float(), y_ref, rtol=0, atol=0.03)
+    grad = torch.randn(2, 4, 16, 8, generator=g)
+    y.backward(grad.bfloat16())
+    y_ref.backward(grad)
+    for got, want in zip((q, k, v), ref):
+        assert got.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got.grad.float(), want.grad, rtol=0, atol=0.04)
 
 
 def test_cpu_linear_matches_aten_with_gradients():
