@@ -10,12 +10,13 @@
 #     tokens to a given loss than the reference AdamW recipe here
 #   - a modern block (RoPE, RMSNorm, ReLU^2, no biases): cheaper and learns faster
 #   - bf16 autocast: the CPU has AVX-512 BF16, so the matmuls (most of the step) run faster
-#     (fp32: val 1.8546 in 26.8 s; bf16: 1.8586 in 21.6 s, one after the other)
+#     (fp32: val 1.8546 in 26.8 s; bf16: 1.8586 in 21.6 s, one after the other, before
+#     bf16 attention went through model.ProbsAttention)
 #   - batch 24: fewer, larger matmuls per token; as token-efficient as batch 12 with Muon
 #   - a short warmup-stable-decay schedule that ends exactly at max_iters, where the one
 #     evaluation that matters happens, so the run stops right after it reaches the target
-# Measured with bench.py --quality (README, "Benchmarks"): val 1.8586 at iter 300 after 19.2 s
-# from launch, against 64.2 s for the CPU recipe to reach its best val (1.8940): 0.30x.
+# Measured with bench.py --quality (README, "Benchmarks"): val 1.8526 at iter 300 after 24.7 s
+# from launch, against 84.0 s for the CPU recipe to reach its best val (1.8940): 0.29x.
 
 out_dir = "out-speedrun-shakespeare-char-cpu"
 dataset = "shakespeare_char"
@@ -64,5 +65,5 @@ min_lr = 3e-4
 
 # system
 device = "cpu"
-dtype = "bfloat16"  # autocast; val 1.8586 vs fp32's 1.8546 at the same step
+dtype = "bfloat16"  # autocast; val 1.8526 vs fp32's 1.8546 at the same step
 compile = False  # compiling takes longer than the whole run
