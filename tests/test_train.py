@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -296,6 +297,38 @@ def test_eval_only(tmp_path, best_run, char_data):
     for name, data in before.items():
         assert open(os.path.join(out, name), "rb").read() == data, f"eval_only rewrote {name}"
     assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "metrics.jsonl"]
+
+
+# a few training steps of a small model; prints the page faults of the last 10
+PAGE_FAULTS = """
+import resource, sys, torch
+import train
+from model import GPT, GPTConfig
+if sys.argv[1] == "keep":
+    train.keep_freed_memory()
+torch.manual_seed(0)
+model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=65))
+opt = torch.optim.AdamW(model.parameters())
+x = torch.randint(0, 65, (12, 64))
+for i in range(13):
+    if i == 3:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    model(x, x)[1].backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_stops_page_faults_between_steps():
+    faults = {}
+    for mode in ("default", "keep"):
+        p = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        faults[mode] = int(p.stdout.split()[-1])
+    assert faults["keep"] * 3 < faults["default"], faults
 
 
 def test_compile_on_cpu_trains_like_eager(tmp_path, char_data):
