@@ -214,8 +214,9 @@ class ProbsAttention(torch.autograd.Function):
     """Causal attention for bf16 on the CPU that keeps the (B*nh, T, T) probabilities for
     backward: two bf16 batched matmuls each way and a softmax (fp32 inside), as GPU flash
     attention does in bf16. torch 2.13's CPU flash kernel is 3x slower in bf16 than in fp32;
-    this is 2.6x faster than fp32 flash at the CPU recipe's (12, 4, 64, 32) and 1.3x at
-    (4, 12, 512, 64). Used while the probabilities are small (PROBS), else fp32 flash."""
+    forward + backward here is 1.4x faster than fp32 flash at the CPU recipe's (12, 4, 64, 32),
+    2.0x at (8, 6, 256, 64), 1.5x at (4, 12, 512, 64) (measured interleaved). Used while the
+    probabilities are small (PROBS), else fp32 flash."""
     PROBS = 1 << 24  # probabilities per layer, at most (32 MiB in bf16)
 
     @staticmethod
