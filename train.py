@@ -537,6 +537,10 @@ if __name__ == "__main__":
     resume_path = os.path.join(out_dir, "ckpt_dcp") if fsdp else ckpt_path
     start_iter = iter_num
     ckpt_every = ckpt_interval or eval_interval
+
+    def checkpoint_due(it):
+        return it > start_iter and (it % ckpt_every == 0 or it >= max_iters)
+
     finite_flags = []  # one per step since the host last counted skipped updates
     t0 = time.perf_counter()
     while True:
@@ -562,7 +566,7 @@ if __name__ == "__main__":
 
         # save the resume point
         # (not while updates are being skipped: the last good checkpoint stays the resume point)
-        if iter_num > start_iter and (iter_num % ckpt_every == 0 or iter_num == max_iters) and bad_steps == 0:
+        if checkpoint_due(iter_num) and bad_steps == 0:
             save(ckpt_path)
             if master_process:
                 print(f"saved {resume_path} at iter {iter_num}")
@@ -599,8 +603,7 @@ if __name__ == "__main__":
 
         # count skipped updates where the host waits for the device anyway; stop after too many
         stopping = stop.any_rank()
-        if (iter_num % log_interval == 0 or stopping or (iter_num + 1) % ckpt_every == 0
-                or iter_num + 1 >= max_iters):
+        if iter_num % log_interval == 0 or stopping or checkpoint_due(iter_num + 1):
             skipped, bad_steps = tally_skips(finite_flags, iter_num + 1 - len(finite_flags), bad_steps)
             finite_flags = []
             for it, run in skipped:
