@@ -307,9 +307,9 @@ from model import GPT, GPTConfig
 if sys.argv[1] == "keep":
     train.keep_freed_memory()
 torch.manual_seed(0)
-model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=65))
+model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=64, vocab_size=65))
 opt = torch.optim.AdamW(model.parameters())
-x = torch.randint(0, 65, (12, 64))
+x = torch.randint(0, 65, (32, 64))
 for i in range(13):
     if i == 3:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
