@@ -124,10 +124,10 @@ def check_exportable(config, source):
     gpt2 = GPTConfig(block_size=config.block_size, vocab_size=config.vocab_size, n_layer=config.n_layer,
                      n_head=config.n_head, n_embd=config.n_embd)
     for key in ("pos_emb", "norm", "mlp", "qk_norm", "tie_embeddings", "bias", "logit_softcap"):
-        allowed = set(HF_ACTIVATIONS.values()) if key == "mlp" else {getattr(gpt2, key)}
+        allowed = sorted(set(HF_ACTIVATIONS.values())) if key == "mlp" else [getattr(gpt2, key)]
         if getattr(config, key) not in allowed:
             raise HFError(f"{source}: {key}={getattr(config, key)!r} cannot be exported to HF GPT-2, "
-                          f"which needs {key}={getattr(gpt2, key)!r}")
+                          f"which needs {key}={' or '.join(map(repr, allowed))}")
     if config.n_kv_head not in (0, config.n_head):
         raise HFError(f"{source}: n_kv_head={config.n_kv_head} (grouped-query attention) cannot be "
                       f"exported to HF GPT-2, which needs n_kv_head=0")
@@ -139,7 +139,7 @@ def hf_config_for(config):
     eot = GPT2_EOT if config.vocab_size > GPT2_EOT else None
     return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
                       n_layer=config.n_layer, n_head=config.n_head,
-                      activation_function="gelu" if config.mlp == "gelu_exact" else "gelu_new",
+                      activation_function=next(k for k, v in HF_ACTIVATIONS.items() if v == config.mlp),
                       resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
                       layer_norm_epsilon=1e-5, bos_token_id=eot, eos_token_id=eot,
                       architectures=["GPT2LMHeadModel"])
