@@ -33,7 +33,6 @@ Sampling speed with and without the KV cache (model size as --n_layer=... etc.):
 Every mode prints a table; --json PATH also writes the numbers.
 """
 import argparse
-import ast
 import json
 import os
 import re
@@ -44,6 +43,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from configurator import UserError, install_error_hook, parse_value
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(REPO, "train.py")
@@ -178,7 +179,7 @@ def summarize(records, warmup, maxrss_kib, seen, wall_s):
     """Medians over the iterations after the first `warmup` logged ones."""
     steps = [r for r in records if "ms" in r]
     if len(steps) <= warmup:
-        raise SystemExit(f"error: {len(steps)} iterations logged, not more than --warmup={warmup}; "
+        raise UserError(f"{len(steps)} iterations logged, not more than --warmup={warmup}; "
                          f"raise --max_iters")
     timed = steps[warmup:]
     waits = [r.get("data_wait_ms") for r in steps]
@@ -197,7 +198,7 @@ def summarize(records, warmup, maxrss_kib, seen, wall_s):
 
 def fail(rc, argv, output):
     cmd = argv if isinstance(argv, str) else shlex.join(argv)
-    raise SystemExit(f"error: exited {rc}: {cmd}\n{output[-3000:]}")
+    raise UserError(f"exited {rc}: {cmd}\n{output[-3000:]}")
 
 
 def bench_ours(setting, common, args):
@@ -207,7 +208,7 @@ def bench_ours(setting, common, args):
         rc, output, maxrss, seen, wall = run_command(argv, {**os.environ, **env}, args.verbose)
         if rc != 0:
             fail(rc, argv, output)
-        from train import read_metrics  # train.py writes the file, so it reads it too
+        from metrics import read_metrics
         records = read_metrics(out_dir) or log_records(output)
     result = summarize(records, args.warmup, maxrss, seen, wall)
     result["command"] = " ".join(f"{k}={v}" for k, v in env.items()) + " " * bool(env) + shlex.join(argv)
@@ -335,7 +336,7 @@ def bench_to_val(setting, common, args):
             fail(rc, argv, output)
     evals = eval_times(stamps)
     if not evals:
-        raise SystemExit(f"error: no `step N: ... val loss X` line from {shlex.join(argv)}")
+        raise UserError(f"no `step N: ... val loss X` line from {shlex.join(argv)}")
     best = min(evals, key=lambda e: e[2])
     target = next((e for e in evals if e[2] <= args.target), None) if args.target else None
     return {"command": shlex.join(argv), "wall_s": wall, "evals": evals, "best_val_loss": best[2],
@@ -383,7 +384,7 @@ def sample_model(overrides, seed):
     config = dict(SAMPLE_MODEL)
     for key, value in overrides.items():
         if key not in GPTConfig.field_names():
-            raise SystemExit(f"error: --{key} is not a GPTConfig field ({', '.join(GPTConfig.field_names())})")
+            raise UserError(f"--{key} is not a GPTConfig field ({', '.join(GPTConfig.field_names())})")
         config[key] = value
     torch.manual_seed(seed)
     return GPT(GPTConfig(**config)).eval()
@@ -490,7 +491,7 @@ def parse_args(argv):
     if "--compare" in argv:
         i = argv.index("--compare")
         if len(argv) < i + 3:
-            raise SystemExit("error: --compare needs two settings, e.g. --compare \"--dtype=float32\" \"\"")
+            raise UserError("--compare needs two settings, e.g. --compare \"--dtype=float32\" \"\"")
         compare, argv = argv[i + 1:i + 3], argv[:i] + argv[i + 3:]
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -517,12 +518,9 @@ def sample_overrides(rest):
     overrides = {}
     for word in rest:
         if not word.startswith("--") or "=" not in word:
-            raise SystemExit(f"error: --sample takes --key=value model settings, not {word!r}")
+            raise UserError(f"--sample takes --key=value model settings, not {word!r}")
         key, text = word[2:].split("=", 1)
-        try:
-            overrides[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            overrides[key] = text  # --norm=rmsnorm: a bare word is a string
+        overrides[key] = parse_value(text)
     return overrides
 
 
@@ -532,7 +530,7 @@ def main(argv):
         report = bench_sample(sample_overrides(rest), args)
     elif args.quality:
         if not args.compare:
-            raise SystemExit("error: --quality needs --compare A B (two settings to time)")
+            raise UserError("--quality needs --compare A B (two settings to time)")
         report = bench_quality(args.compare, rest, args)
     elif args.compare or args.compare_cmd:
         a, b = args.compare or ("", None)
@@ -546,4 +544,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    install_error_hook()
     main(sys.argv[1:])

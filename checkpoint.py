@@ -13,10 +13,11 @@ import random
 import numpy as np
 import torch
 
+from configurator import UserError
 from model import GPT, GPTConfig
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be written or used: reported to the user as one line."""
 
 
@@ -243,10 +244,10 @@ def consolidate(out_dir, path=None):
 
 if __name__ == "__main__":
     import sys
+
+    from configurator import install_error_hook
+    install_error_hook()
     if len(sys.argv) not in (3, 4) or sys.argv[1] != "consolidate":
-        sys.exit("usage: python checkpoint.py consolidate OUT_DIR [CKPT_PATH]  "
-                 "(FSDP sharded checkpoint -> one ckpt.pt for sample.py and hf.py)")
-    try:
-        print(f"wrote {consolidate(*sys.argv[2:])}")
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+        raise UserError("usage: python checkpoint.py consolidate OUT_DIR [CKPT_PATH]  "
+                        "(FSDP sharded checkpoint -> one ckpt.pt for sample.py and hf.py)")
+    print(f"wrote {consolidate(*sys.argv[2:])}")

@@ -9,14 +9,28 @@ into the caller, configure() returns the new settings and the caller does
 `globals().update(...)` at module level, so nothing is silently lost inside a function;
 unknown keys and wrong types are errors, not surprises three hours into a run.
 """
+import argparse
 import ast
 import difflib
 import os
 import sys
 
 
-class ConfigError(Exception):
-    """A bad config file or override: reported to the user as one line."""
+class UserError(Exception):
+    """Something the user can fix (a setting, a file, a checkpoint, a dataset): every entry
+    point reports it as one `error: ...` line and exits 1. Every other exception is a bug and
+    keeps its traceback."""
+
+
+class ConfigError(UserError):
+    """A bad config file or override."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts that use it: a bad option is a UserError like any other."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}")
 
 
 def type_ok(default, value):
@@ -116,14 +130,13 @@ def configure(settings, argv, source_file):
     return settings
 
 
-def install_error_hook(*error_types):
-    """Errors the user can fix (bad config, data, checkpoint) print as one line and exit 1;
+def install_error_hook():
+    """The one error hook of every entry point: a UserError prints as one line and exits 1;
     anything else keeps its traceback because it is a bug."""
-    user_errors = (ConfigError,) + tuple(error_types)
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, user_errors):
+        if issubclass(exc_type, UserError):
             print(f"error: {exc}", file=sys.stderr)
             sys.stderr.flush()
         else:

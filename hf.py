@@ -8,12 +8,12 @@ transpose of nn.Linear's (out, in).
     model = gpt_from_hf("gpt2")          # or gpt2-medium/-large/-xl, or a save_pretrained dir
     python hf.py --ckpt=out/ckpt.pt --out=out/hf   # a checkpoint -> a transformers directory
 """
-import argparse
 import json
 import os
 import sys
 
-from checkpoint import CheckpointError, build_model, load_checkpoint
+from checkpoint import build_model, load_checkpoint
+from configurator import ArgumentParser, UserError, install_error_hook
 from model import GPT, GPTConfig
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -27,7 +27,7 @@ GPT2_MERGES_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/ma
 GPT2_EOT = 50256
 
 
-class HFError(ValueError):
+class HFError(UserError):
     """A model that cannot move between HF GPT-2 and our GPT: reported to the user as one line."""
 
 
@@ -200,21 +200,17 @@ def export_hf(ckpt_path, out_dir):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face GPT-2 directory.")
+    parser = ArgumentParser(description="Export a checkpoint as a Hugging Face GPT-2 directory.")
     parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to export")
     parser.add_argument("--out", default="out/hf", help="directory to write (config.json, model.safetensors)")
     args = parser.parse_args(argv)
-    try:
-        model, with_tokenizer = export_hf(args.ckpt, args.out)
-    except (HFError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    model, with_tokenizer = export_hf(args.ckpt, args.out)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {n / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
           f"{'GPT-2 tokenizer' if with_tokenizer else 'no tokenizer (its data is not GPT-2 BPE)'}; "
           f"load it with transformers.AutoModelForCausalLM.from_pretrained({args.out!r})")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    install_error_hook()
+    main(sys.argv[1:])

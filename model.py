@@ -447,34 +447,6 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.block_size = block_size
 
-    def param_groups(self, weight_decay, learning_rate, optimizer="adamw", muon_lr=0.02):
-        """Parameter groups by optimizer. Weight decay only on >= 2-D tensors (matmul weights
-        and embeddings); with Muon, the 2-D weights inside the blocks go to Muon and
-        everything else (embeddings, head, norms, biases) stays with AdamW."""
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}  # tied weights once
-        muon = [p for n, p in params.items() if optimizer == "muon" and p.dim() == 2
-                and n.startswith("transformer.h.")]
-        muon_ids = {id(p) for p in muon}
-        rest = [p for p in params.values() if id(p) not in muon_ids]
-        adamw = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr": learning_rate},
-                 {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr": learning_rate}]
-        return adamw, ([{"params": muon, "weight_decay": weight_decay, "lr": muon_lr}] if muon else [])
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
-                             optimizer="adamw", muon_lr=0.02, muon_momentum=0.95):
-        """A list of optimizers: [AdamW] or [AdamW, Muon]. Each group remembers its base lr
-        ('base_lr') so the schedule can scale every group by the same factor."""
-        adamw_groups, muon_groups = self.param_groups(weight_decay, learning_rate, optimizer, muon_lr)
-        fused = device_type in ("cuda", "cpu")  # one fused kernel instead of a loop over tensors
-        optimizers = [torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=fused)]
-        if muon_groups:
-            optimizers.append(torch.optim.Muon(muon_groups, lr=muon_lr, momentum=muon_momentum,
-                                               adjust_lr_fn="match_rms_adamw"))
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["base_lr"] = group["lr"]
-        return optimizers
-
     def flops_per_token(self):
         """Training FLOPs per token: 6N for the matmuls plus the attention scores
         (PaLM appendix B), with T = block_size."""
@@ -525,27 +497,3 @@ class GPT(nn.Module):
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
                                         generator, use_cache, window, vocab_limit))
         return torch.cat([idx] + new, dim=1)
-
-
-# Dense peak FLOPS by (GPU name fragment, dtype), from the vendors' datasheets (no
-# sparsity). fp32 matmuls run as TF32 (train.py enables it), so fp32 uses the TF32 peak.
-PEAK_FLOPS = [
-    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494.7e12}),  # SXM / HBM3
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494.7e12}),
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
-    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
-    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 62.5e12}),
-    ("4090", {"bf16": 165.2e12, "fp16": 165.2e12, "fp32": 82.6e12}),
-    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
-    ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
-]
-
-
-def peak_flops(device_name, dtype):
-    """Peak FLOPS for a CUDA device name (torch.cuda.get_device_name) and 'bf16'|'fp16'|'fp32';
-    None when unknown (CPUs, unlisted GPUs), so MFU is reported as n/a, never guessed."""
-    for fragment, table in PEAK_FLOPS:
-        if fragment in device_name:
-            return table.get(dtype)
-    return None

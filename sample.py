@@ -35,15 +35,16 @@ stream = True  # with num_samples=1, print tokens as they arrive
 SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 SEPARATOR = "---------------"
 
-from checkpoint import CheckpointError, build_model, load_checkpoint  # noqa: E402
-from dataloader import DataError, load_meta  # noqa: E402
-from hf import HFError, gpt_from_hf  # noqa: E402
+from checkpoint import build_model, load_checkpoint  # noqa: E402
+from configurator import UserError, configure, install_error_hook  # noqa: E402
+from dataloader import load_meta  # noqa: E402
+from hf import gpt_from_hf  # noqa: E402
 from tokenizer import get_tokenizer, tokenizer_from_meta  # noqa: E402
-from train import autocast_context, resolve_device, resolve_dtype  # noqa: E402
+from runtime import autocast_context, resolve_device, resolve_dtype  # noqa: E402
 
 
-class SampleError(ValueError):
-    """A bad setting of this script: reported to the user as one line."""
+class SampleError(UserError):
+    """A bad setting of this script."""
 
 
 def check_settings(s):
@@ -193,8 +194,7 @@ def prepare_model(model, tok, device, compile_model):
 
 
 if __name__ == "__main__":
-    from configurator import configure, install_error_hook
-    install_error_hook(CheckpointError, DataError, HFError, SampleError, ValueError)  # as train.py
+    install_error_hook()
     settings = configure({k: globals()[k] for k in SETTINGS}, sys.argv[1:], __file__)
     globals().update(settings)
     check_settings(settings)

@@ -11,22 +11,28 @@ Every setting below can be set by a config file or a --key=value override; `--he
 lists them. Stop it any time (Ctrl-C, SIGTERM, preemption, kill -9): `--init_from=resume`
 (or 'auto') continues exactly where the last checkpoint left off.
 """
-import ctypes
-import datetime
-import json
-import math
 import os
 import random
-import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import (CheckpointError, build_model, capture_rng, check_model_args, load_checkpoint,
+                        load_sharded, load_sharded_state, model_config, restore_rng, save_checkpoint,
+                        save_sharded, sharded_dir)
+from configurator import ConfigError, UserError, configure, install_error_hook
+from dataloader import BatchLoader, load_meta, open_dataset
+from evaluate import estimate_loss
+from metrics import append_metrics, truncate_metrics
+from model import GPT
+from optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
+from runtime import (StopSignal, autocast_context, derive_grad_accum, full_state_dict, init_distributed, keep_freed_memory,
+                     peak_flops, resolve_device, resolve_dtype, set_grad_sync, shard_model, try_compile)
 
 # -----------------------------------------------------------------------------
 # settings: defaults train GPT-2 124M on OpenWebText on 8 GPUs, as nanoGPT
@@ -97,271 +103,14 @@ seed = 1337  # seeds the data order and every RNG
 SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 MODEL_KEYS = ["n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "n_kv_head",
               "pos_emb", "rope_theta", "norm", "mlp", "multiple_of", "qk_norm", "tie_embeddings", "logit_softcap"]
-EVAL_SEED = 0  # eval windows do not depend on `seed`, so runs with different seeds compare
 
 
-class TrainingError(Exception):
-    """The run cannot go on for a reason the user can fix: reported as one line."""
+class TrainingError(UserError):
+    """The run cannot go on for a reason the user can fix."""
 
-
-def get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters, schedule="cosine", decay_frac=0.2):
-    """Learning rate at step `it`: linear warmup that is non-zero at step 0 and reaches
-    learning_rate at warmup_iters, then the schedule down to min_lr at lr_decay_iters."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if schedule == "constant":
-        return learning_rate
-    if it >= lr_decay_iters:
-        return min_lr
-    progress = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)  # 0 -> 1
-    if schedule == "cosine":
-        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
-    elif schedule == "linear":
-        coeff = 1.0 - progress
-    elif schedule == "wsd":
-        coeff = min(1.0, (1.0 - progress) / decay_frac) if decay_frac > 0 else 1.0
-    else:
-        raise ValueError(f"lr_schedule={schedule!r} is not 'cosine', 'wsd', 'linear' or 'constant'")
-    return min_lr + coeff * (learning_rate - min_lr)
-
-
-def resolve_device(device):
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def resolve_dtype(dtype, device_type):
-    """fp32/bf16/fp16 as a name; 'auto' picks bf16 on CUDA when supported, else fp16 (with a
-    GradScaler), and fp32 elsewhere."""
-    if dtype == "auto":
-        if device_type != "cuda":
-            return "float32"
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype={dtype!r} is not 'auto', 'float32', 'bfloat16' or 'float16'")
-    return dtype
-
-
-def keep_freed_memory():
-    """glibc hands big freed blocks back to the OS, so each CPU training step page-faults its
-    activations in again (~1,200 faults per iteration of the CPU recipe). Keep blocks up to
-    glibc's 32 MiB limit in the heap and never trim it: 3x fewer page faults over a run and
-    ~15% faster steps (README, Benchmarks). A no-op where malloc is not glibc's."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def autocast_context(device_type, dtype):
-    if dtype == "float32":
-        return nullcontext()
-    return torch.amp.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-
-
-def init_distributed(backend, device, timeout_s=600):
-    """(ddp, rank, local_rank, world_size, device) from torchrun's environment."""
-    if "RANK" not in os.environ:
-        return False, 0, 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    if backend == "auto":
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return True, rank, local_rank, world_size, device
-
-
-def derive_grad_accum(gradient_accumulation_steps, total_batch_size, batch_size, block_size, world_size):
-    """Micro-steps per rank for one optimizer step; the global batch never silently shrinks."""
-    if total_batch_size:
-        per_micro = batch_size * block_size * world_size
-        if total_batch_size % per_micro:
-            raise ValueError(f"total_batch_size={total_batch_size} is not a multiple of batch_size * "
-                             f"block_size * world_size = {per_micro}")
-        return total_batch_size // per_micro
-    if gradient_accumulation_steps % world_size:
-        raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} does not divide "
-                         f"by the world size {world_size}; make it a multiple of {world_size}")
-    return gradient_accumulation_steps // world_size
-
-
-@torch.no_grad()
-def estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, device, rank=0, world_size=1):
-    """Mean loss over the same eval_iters batches of each split every time, shared out across
-    ranks and summed, so the number does not depend on the world size."""
-    out = {}
-    model.eval()
-    for split, data in splits.items():
-        total = torch.zeros((), device=device)
-        padded = -(-eval_iters // world_size) * world_size  # FSDP: every rank runs every forward
-        for k in range(rank, padded, world_size):
-            x, y = get_batch(data, block_size, batch_size, EVAL_SEED, k % eval_iters, 0)
-            with ctx:
-                _, loss = model(x.to(device), y.to(device))
-            total += loss.float() * (k < eval_iters)
-        if world_size > 1:
-            dist.all_reduce(total)
-        out[split] = total.item() / eval_iters
-    model.train()
-    return out
-
-
-def shard_model(model):
-    """FSDP2: each block is its own unit, so only one block's full weights exist at a time."""
-    from torch.distributed.fsdp import fully_shard
-    for block in model.transformer.h:
-        fully_shard(block)
-    return fully_shard(model)
-
-
-def set_grad_sync(model, sync):
-    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last
-    micro-step; set before the forward pass, which is when DDP reads it."""
-    if isinstance(model, DDP):
-        model.require_backward_grad_sync = sync
-    elif hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)
-
-
-def step_optimizers(optimizers, scaler, finite):
-    """Step each optimizer unless `finite` (a 0-d float tensor, 1.0 or 0.0, the same on every
-    rank) is 0, without a host sync where the optimizer can skip on the device: fused Adam/AdamW
-    leave parameters and state untouched when given found_inf=1. Others (Muon) read the flag on
-    the host. With fp16 the GradScaler skips inf/NaN gradients itself, in the same way."""
-    host_finite = None
-    for opt in optimizers:
-        if scaler.is_enabled():
-            scaler.step(opt)
-        elif all(group.get("fused") for group in opt.param_groups):
-            opt.found_inf = 1.0 - finite
-            opt.step()
-            del opt.found_inf
-        else:
-            if host_finite is None:
-                host_finite = finite.item() > 0
-            if host_finite:
-                opt.step()
-
-
-def tally_skips(finite_flags, first_iter, bad_steps):
-    """The non-finite guard's host side, run only at steps that read the device anyway (log and
-    checkpoint steps): finite_flags are the flags of iterations first_iter, first_iter + 1, ...
-    Returns [(iter, bad steps in a row)] for each skipped update, and the count after the last."""
-    skipped = []
-    for i, ok in enumerate(torch.stack(finite_flags).tolist() if finite_flags else []):
-        bad_steps = 0 if ok else bad_steps + 1
-        if not ok:
-            skipped.append((first_iter + i, bad_steps))
-    return skipped, bad_steps
-
-
-def clip_gradients(model, grad_clip):
-    """Global gradient norm (a plain tensor, also under FSDP2), clipped to grad_clip if set."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
-def full_state_dict(model, fsdp):
-    """Unsharded weights (a collective under FSDP2: every rank calls it, rank 0 gets them)."""
-    if not fsdp:
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def try_compile(model, x, y, ctx):
-    """torch.compile the model, checked on one forward/backward (RNG untouched, gradients
-    dropped); any compile failure falls back to eager with a warning."""
-    compiled = torch.compile(model)
-    try:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            with ctx:
-                _, loss = compiled(x, y)
-            loss.backward()
-    except Exception as e:
-        print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-              f"running eager", file=sys.stderr)
-        compiled = model
-    model.zero_grad(set_to_none=True)
-    return compiled
-
-
-class StopSignal:
-    """SIGTERM/SIGINT ask the loop to stop after the current step; a second SIGINT aborts."""
-
-    def __init__(self, ddp=False):
-        self.requested, self.ddp = False, ddp
-        # any_rank asks every step, so over gloo on CPU tensors: it never waits for a GPU
-        self.group = dist.new_group(backend="gloo") if ddp and dist.get_backend() != "gloo" else None
-        signal.signal(signal.SIGTERM, self.handle)
-        signal.signal(signal.SIGINT, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            print("\nsecond Ctrl-C: aborting without saving", file=sys.stderr, flush=True)
-            os._exit(130)
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again aborts)",
-              file=sys.stderr, flush=True)
-
-    def any_rank(self):
-        """Whether any rank saw a signal, so that every rank stops at the same step."""
-        if not self.ddp:
-            return self.requested
-        flag = torch.tensor(float(self.requested))
-        dist.all_reduce(flag, group=self.group)
-        return flag.item() > 0
-
-
-def append_metrics(path, record):
-    # NaN/inf are not JSON: a skipped step's loss is written as null
-    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(out_dir):
-    """The records of out_dir/metrics.jsonl, oldest first; [] before the first one."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def truncate_metrics(path, iter_num):
-    """Drop records at or after iter_num, left by a run that died after its last checkpoint,
-    so the resumed run's file reads as one history."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        # a line without its newline is torn (a kill or full disk mid-append): drop it
-        kept = [line for line in f if line.strip() and line.endswith("\n")
-                and json.loads(line).get("iter", 0) < iter_num]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-from checkpoint import (CheckpointError, build_model, capture_rng, check_model_args,  # noqa: E402
-                        load_checkpoint, load_sharded, load_sharded_state, model_config, restore_rng,
-                        save_checkpoint, save_sharded, sharded_dir)
-from configurator import ConfigError, configure, install_error_hook  # noqa: E402
-from dataloader import BatchLoader, DataError, get_batch, load_meta, open_dataset  # noqa: E402
-from model import GPT, peak_flops  # noqa: E402
 
 if __name__ == "__main__":
-    install_error_hook(CheckpointError, DataError, TrainingError, ValueError)
+    install_error_hook()
     defaults = {k: globals()[k] for k in SETTINGS}
     globals().update(configure(defaults, sys.argv[1:], __file__))
     config = {k: globals()[k] for k in SETTINGS}  # what this run used, saved in checkpoints
@@ -380,9 +129,9 @@ if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if fsdp and not ddp:
-        raise ValueError("fsdp=True needs torchrun (e.g. torchrun --nproc_per_node=2 train.py ...)")
+        raise ConfigError("fsdp=True needs torchrun (e.g. torchrun --nproc_per_node=2 train.py ...)")
     if fsdp and optimizer == "muon":
-        raise ValueError("optimizer='muon' needs whole weight matrices; use it without fsdp")
+        raise ConfigError("optimizer='muon' needs whole weight matrices; use it without fsdp")
     grad_accum = derive_grad_accum(gradient_accumulation_steps, total_batch_size, batch_size,
                                    block_size, world_size)
     tokens_per_iter = grad_accum * world_size * batch_size * block_size
@@ -423,7 +172,7 @@ if __name__ == "__main__":
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)
     if block_size != model.config.block_size:
-        raise ValueError(f"block_size={block_size} but the model has block_size {model.config.block_size}")
+        raise ConfigError(f"block_size={block_size} but the model has block_size {model.config.block_size}")
     model_args = asdict(model.config)
     model.to(device)
     if master_process:
@@ -446,7 +195,7 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # optimizer and GradScaler (only fp16 needs loss scaling)
-    optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
+    optimizers = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), device_type,
                                             optimizer, muon_lr, muon_momentum)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     if ckpt is not None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig, KVCache, sample_next
+from optim import param_groups
 
 BLOCK = 32
 TINY = dict(block_size=BLOCK, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
@@ -177,7 +178,7 @@ def names_of(model, groups):
 
 def test_param_groups_muon_gets_exactly_the_hidden_matrices():
     model = GPT(GPTConfig(**TINY))
-    adamw, muon = model.param_groups(weight_decay=0.1, learning_rate=1e-3, optimizer="muon")
+    adamw, muon = param_groups(model, weight_decay=0.1, learning_rate=1e-3, optimizer="muon")
     expected = {f"transformer.h.{i}.{m}.weight" for i in range(2)
                 for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert set(names_of(model, muon)) == expected
@@ -190,7 +191,7 @@ def test_param_groups_muon_gets_exactly_the_hidden_matrices():
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_weight_decay_only_on_matrices(optimizer):
     model = GPT(GPTConfig(**TINY, tie_embeddings=False))
-    adamw, muon = model.param_groups(weight_decay=0.1, learning_rate=1e-3, optimizer=optimizer)
+    adamw, muon = param_groups(model, weight_decay=0.1, learning_rate=1e-3, optimizer=optimizer)
     for group in adamw + muon:
         dims = {p.dim() for p in group["params"]}
         assert group["weight_decay"] == (0.1 if min(dims) >= 2 else 0.0), (group["weight_decay"], dims)

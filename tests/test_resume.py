@@ -23,7 +23,8 @@ from trainutil import (REPO, TRAIN, char_data, child_env, kill_tree, last_logged
 
 sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
-import train  # noqa: E402  (helpers only)
+import metrics  # noqa: E402
+import optim  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -224,11 +225,10 @@ def test_truncate_metrics_tolerates_a_torn_last_line(tmp_path):
     """kill -9 or a power cut mid-append can leave a partial last line in metrics.jsonl; the
     resume that truncates the file must not crash on it."""
     sys.path.insert(0, REPO)
-    import train
     path = str(tmp_path / "metrics.jsonl")
     with open(path, "w") as f:
         f.write('{"iter": 0, "loss": 4.0}\n{"iter": 1, "loss": 3.9}\n{"iter": 2, "lo')
-    train.truncate_metrics(path, 2)
+    metrics.truncate_metrics(path, 2)
     assert [line for line in open(path)] == ['{"iter": 0, "loss": 4.0}\n', '{"iter": 1, "loss": 3.9}\n']
 
 
@@ -316,7 +316,7 @@ def test_step_optimizers_skips_on_the_device(monkeypatch):
     def make():
         torch.manual_seed(0)
         model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
-        opts = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", "muon", 0.02, 0.95)
+        opts = optim.configure_optimizers(model, 0.1, 1e-2, (0.9, 0.95), "cpu", "muon", 0.02, 0.95)
         for _ in range(2):  # some optimizer state to keep
             x = torch.randint(0, 32, (2, 8))
             model(x, x)[1].backward()
@@ -336,10 +336,10 @@ def test_step_optimizers_skips_on_the_device(monkeypatch):
     assert adamw.param_groups[0]["fused"] and not muon.param_groups[0].get("fused")
     with monkeypatch.context() as m:
         m.setattr(torch.Tensor, "item", lambda t: pytest.fail("fused AdamW read the flag on the host"))
-        train.step_optimizers([adamw], scaler, torch.tensor(0.0))
-    train.step_optimizers([muon], scaler, torch.tensor(0.0))
+        optim.step_optimizers([adamw], scaler, torch.tensor(0.0))
+    optim.step_optimizers([muon], scaler, torch.tensor(0.0))
     assert all(torch.equal(a, b) for a, b in zip(before, state(model, opts)))
-    train.step_optimizers(opts, scaler, torch.tensor(1.0))
+    optim.step_optimizers(opts, scaler, torch.tensor(1.0))
     stepped = state(model, opts)
     model, opts = make()
     for opt in opts:

@@ -21,7 +21,10 @@ import sys  # noqa: E402
 sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
 import configurator  # noqa: E402
-import train  # noqa: E402  (helpers only: the script is under `if __name__ == "__main__"`)
+import train  # noqa: E402  (SETTINGS only: the script is under `if __name__ == "__main__"`)
+from configurator import ConfigError  # noqa: E402
+from optim import get_lr  # noqa: E402
+from runtime import derive_grad_accum, keep_freed_memory  # noqa: E402
 from dataloader import TokenFile, get_batch  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -32,7 +35,7 @@ LR, MIN_LR, WARMUP, DECAY = 1e-3, 1e-4, 10, 110
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])
 def test_get_lr_warmup(schedule):
-    lrs = [train.get_lr(it, LR, MIN_LR, WARMUP, DECAY, schedule) for it in range(WARMUP + 1)]
+    lrs = [get_lr(it, LR, MIN_LR, WARMUP, DECAY, schedule) for it in range(WARMUP + 1)]
     assert lrs[0] > 0, "the first step must not be wasted with lr 0"
     assert all(a < b for a, b in zip(lrs, lrs[1:])), "warmup must increase"
     assert lrs[WARMUP] == pytest.approx(LR, rel=1e-12)
@@ -41,18 +44,18 @@ def test_get_lr_warmup(schedule):
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd"])
 def test_get_lr_decays_to_min_lr(schedule):
     for it in (DECAY, DECAY + 1, DECAY + 1000):
-        assert train.get_lr(it, LR, MIN_LR, WARMUP, DECAY, schedule) == pytest.approx(MIN_LR, rel=1e-12)
-    lrs = [train.get_lr(it, LR, MIN_LR, WARMUP, DECAY, schedule) for it in range(WARMUP, DECAY + 1)]
+        assert get_lr(it, LR, MIN_LR, WARMUP, DECAY, schedule) == pytest.approx(MIN_LR, rel=1e-12)
+    lrs = [get_lr(it, LR, MIN_LR, WARMUP, DECAY, schedule) for it in range(WARMUP, DECAY + 1)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:])), "the decay must never go up"
     assert all(MIN_LR - 1e-15 <= lr <= LR + 1e-15 for lr in lrs)
     if schedule in ("cosine", "linear"):
         assert all(a > b for a, b in zip(lrs, lrs[1:])), "cosine/linear decay strictly"
     if schedule == "linear":
         mid = (WARMUP + DECAY) // 2
-        assert train.get_lr(mid, LR, MIN_LR, WARMUP, DECAY, "linear") == pytest.approx((LR + MIN_LR) / 2)
+        assert get_lr(mid, LR, MIN_LR, WARMUP, DECAY, "linear") == pytest.approx((LR + MIN_LR) / 2)
     if schedule == "cosine":
         mid = (WARMUP + DECAY) // 2
-        assert train.get_lr(mid, LR, MIN_LR, WARMUP, DECAY, "cosine") == pytest.approx((LR + MIN_LR) / 2)
+        assert get_lr(mid, LR, MIN_LR, WARMUP, DECAY, "cosine") == pytest.approx((LR + MIN_LR) / 2)
 
 
 def test_get_lr_wsd_stable_then_decay():
@@ -60,22 +63,22 @@ def test_get_lr_wsd_stable_then_decay():
     # 100 post-warmup steps: stable for the first 80, decay over the last 20
     decay_start = WARMUP + round((1 - decay_frac) * (DECAY - WARMUP))
     for it in range(WARMUP, decay_start):
-        assert train.get_lr(it, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) == LR, it
-    assert train.get_lr(decay_start, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) == pytest.approx(LR)
-    tail = [train.get_lr(it, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) for it in range(decay_start, DECAY + 1)]
+        assert get_lr(it, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) == LR, it
+    assert get_lr(decay_start, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) == pytest.approx(LR)
+    tail = [get_lr(it, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) for it in range(decay_start, DECAY + 1)]
     assert all(a > b for a, b in zip(tail, tail[1:])), "wsd decays strictly in its last phase"
     half = decay_start + (DECAY - decay_start) // 2
-    assert train.get_lr(half, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) == pytest.approx((LR + MIN_LR) / 2)
+    assert get_lr(half, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) == pytest.approx((LR + MIN_LR) / 2)
 
 
 def test_get_lr_constant():
     for it in range(WARMUP, DECAY + 50):
-        assert train.get_lr(it, LR, MIN_LR, WARMUP, DECAY, "constant") == LR
+        assert get_lr(it, LR, MIN_LR, WARMUP, DECAY, "constant") == LR
 
 
 def test_get_lr_unknown_schedule():
-    with pytest.raises(ValueError, match="lr_schedule"):
-        train.get_lr(WARMUP + 1, LR, MIN_LR, WARMUP, DECAY, "cosin")
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        get_lr(WARMUP + 1, LR, MIN_LR, WARMUP, DECAY, "cosin")
 
 
 # -----------------------------------------------------------------------------
@@ -83,24 +86,24 @@ def test_get_lr_unknown_schedule():
 
 
 def test_derive_grad_accum():
-    assert train.derive_grad_accum(40, 0, 12, 1024, 1) == 40
-    assert train.derive_grad_accum(40, 0, 12, 1024, 8) == 5
-    assert train.derive_grad_accum(4, 0, 8, 32, 2) == 2
+    assert derive_grad_accum(40, 0, 12, 1024, 1) == 40
+    assert derive_grad_accum(40, 0, 12, 1024, 8) == 5
+    assert derive_grad_accum(4, 0, 8, 32, 2) == 2
     # total_batch_size wins over gradient_accumulation_steps: 8 * 32 * 2 * 3 tokens
-    assert train.derive_grad_accum(5, 8 * 32 * 2 * 3, 8, 32, 2) == 3
-    assert train.derive_grad_accum(5, 524288, 16, 1024, 8) == 4
+    assert derive_grad_accum(5, 8 * 32 * 2 * 3, 8, 32, 2) == 3
+    assert derive_grad_accum(5, 524288, 16, 1024, 8) == 4
 
 
 def test_derive_grad_accum_not_divisible_by_world_size():
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=3.*2"):
-        train.derive_grad_accum(3, 0, 8, 32, 2)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=3.*2"):
+        derive_grad_accum(3, 0, 8, 32, 2)
 
 
 def test_derive_grad_accum_total_batch_not_divisible():
-    with pytest.raises(ValueError, match="total_batch_size=1000"):
-        train.derive_grad_accum(1, 1000, 8, 32, 1)
-    with pytest.raises(ValueError, match="total_batch_size"):
-        train.derive_grad_accum(1, 8 * 32 * 3, 8, 32, 2)  # one rank's worth too few
+    with pytest.raises(ConfigError, match="total_batch_size=1000"):
+        derive_grad_accum(1, 1000, 8, 32, 1)
+    with pytest.raises(ConfigError, match="total_batch_size"):
+        derive_grad_accum(1, 8 * 32 * 3, 8, 32, 2)  # one rank's worth too few
 
 
 # -----------------------------------------------------------------------------
@@ -302,10 +305,10 @@ def test_eval_only(tmp_path, best_run, char_data):
 # a few training steps of a small model; prints the page faults of the last 10
 PAGE_FAULTS = """
 import resource, sys, torch
-import train
+from runtime import keep_freed_memory
 from model import GPT, GPTConfig
 if sys.argv[1] == "keep":
-    train.keep_freed_memory()
+    keep_freed_memory()
 torch.manual_seed(0)
 model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=64, vocab_size=65))
 opt = torch.optim.AdamW(model.parameters())

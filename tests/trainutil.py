@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from train import read_metrics  # noqa: F401  (train.py writes metrics.jsonl; tests read it)
+from metrics import read_metrics  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "train.py")
