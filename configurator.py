@@ -130,6 +130,34 @@ def configure(settings, argv, source_file):
     return settings
 
 
+# Rules for check_settings: (test, what a valid value is). The type is checked by configure()
+# already (against the default's); a rule checks the value.
+ANY = (lambda v: True, "any value of the default's type")
+
+
+def one_of(*choices):
+    return (lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def at_least(low):
+    return (lambda v: v >= low, f">= {low}")
+
+
+def in_range(low, high):
+    """low <= v < high"""
+    return (lambda v: low <= v < high, f"in [{low}, {high})")
+
+
+def check_settings(settings, rules, source_file):
+    """Every setting against its rule in `rules`, before anything is created or computed."""
+    missing = sorted(set(settings) - set(rules))
+    if missing:  # a bug of ours, not the user's: a setting was added without a rule
+        raise KeyError(f"{source_file}: no rule for setting(s) {missing}")
+    for key, (ok, expected) in rules.items():
+        if not ok(settings[key]):
+            raise ConfigError(f"{key}={settings[key]!r} is not valid: it must be {expected}")
+
+
 def install_error_hook():
     """The one error hook of every entry point: a UserError prints as one line and exits 1;
     anything else keeps its traceback because it is a bug."""

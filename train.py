@@ -13,6 +13,7 @@ lists them. Stop it any time (Ctrl-C, SIGTERM, preemption, kill -9): `--init_fro
 """
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -25,11 +26,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (CheckpointError, build_model, capture_rng, check_model_args, load_checkpoint,
                         load_sharded, load_sharded_state, model_config, restore_rng, save_checkpoint,
                         save_sharded, sharded_dir)
-from configurator import ConfigError, UserError, configure, install_error_hook
+from configurator import (ANY, ConfigError, UserError, at_least, check_settings, configure, in_range,
+                          install_error_hook, one_of)
 from dataloader import BatchLoader, load_meta, open_dataset
 from evaluate import estimate_loss
 from metrics import append_metrics, truncate_metrics
-from model import GPT
+from model import CHOICES, GPT, GPTConfig
 from optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
 from runtime import (StopSignal, autocast_context, derive_grad_accum, full_state_dict, init_distributed, keep_freed_memory,
                      peak_flops, resolve_device, resolve_dtype, set_grad_sync, shard_model, try_compile)
@@ -101,6 +103,34 @@ compile = "auto"  # torch.compile the model; 'auto' = on CUDA only
 seed = 1337  # seeds the data order and every RNG
 # -----------------------------------------------------------------------------
 SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+POSITIVE, NON_NEGATIVE, FRACTION = at_least(1), at_least(0), in_range(0.0, 1.0)
+# what each setting accepts, checked before anything is created (a test asks for one per setting)
+RULES = dict(
+    out_dir=(lambda v: v != "", "a directory path"), eval_interval=POSITIVE, log_interval=POSITIVE,
+    eval_iters=POSITIVE, eval_only=ANY, ckpt_interval=NON_NEGATIVE, always_save_checkpoint=ANY,
+    init_from=(lambda v: v in ("scratch", "resume", "auto") or v.startswith("gpt2") or os.path.isdir(v),
+               "'scratch', 'resume', 'auto', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a "
+               "Hugging Face model directory that exists"),
+    max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
+    dataset=(lambda v: v != "", "a directory name under data/"), data_dir=ANY,
+    gradient_accumulation_steps=POSITIVE, total_batch_size=NON_NEGATIVE, batch_size=POSITIVE,
+    block_size=POSITIVE, sampling=one_of("random", "epoch"),
+    n_layer=POSITIVE, n_head=POSITIVE, n_embd=POSITIVE, dropout=FRACTION, bias=ANY, vocab_size=NON_NEGATIVE,
+    n_kv_head=NON_NEGATIVE, pos_emb=one_of(*CHOICES["pos_emb"]), rope_theta=(lambda v: v > 0, "> 0"),
+    norm=one_of(*CHOICES["norm"]), mlp=one_of(*CHOICES["mlp"]), multiple_of=POSITIVE, qk_norm=ANY,
+    tie_embeddings=ANY, logit_softcap=NON_NEGATIVE,
+    optimizer=one_of("adamw", "muon"), learning_rate=NON_NEGATIVE, max_iters=NON_NEGATIVE,
+    weight_decay=NON_NEGATIVE, beta1=FRACTION, beta2=FRACTION, grad_clip=NON_NEGATIVE,
+    muon_lr=NON_NEGATIVE, muon_momentum=FRACTION,
+    decay_lr=ANY, lr_schedule=one_of("cosine", "wsd", "linear", "constant"), warmup_iters=NON_NEGATIVE,
+    lr_decay_iters=NON_NEGATIVE, min_lr=NON_NEGATIVE,
+    decay_frac=(lambda v: 0 < v <= 1, "in (0, 1]: the fraction of post-warmup steps that decay"),
+    backend=one_of("auto", "nccl", "gloo"), ddp_timeout=POSITIVE, fsdp=ANY,
+    device=(lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+            "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    dtype=one_of("auto", "float32", "bfloat16", "float16"), compile=one_of("auto", True, False),
+    seed=NON_NEGATIVE,
+)
 MODEL_KEYS = ["n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "n_kv_head",
               "pos_emb", "rope_theta", "norm", "mlp", "multiple_of", "qk_norm", "tie_embeddings", "logit_softcap"]
 
@@ -114,6 +144,11 @@ if __name__ == "__main__":
     defaults = {k: globals()[k] for k in SETTINGS}
     globals().update(configure(defaults, sys.argv[1:], __file__))
     config = {k: globals()[k] for k in SETTINGS}  # what this run used, saved in checkpoints
+    check_settings(config, RULES, __file__)
+    try:  # the architecture's own checks (e.g. n_embd divisible by n_head), before anything is written
+        GPTConfig(**{**{k: config[k] for k in MODEL_KEYS}, "vocab_size": vocab_size or 1})
+    except ValueError as e:
+        raise ConfigError(str(e))
     explicit = {k for k in SETTINGS if config[k] != defaults[k]}
 
     # -------------------------------------------------------------------------

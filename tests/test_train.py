@@ -186,24 +186,45 @@ def test_cli_missing_config_file(tmp_path):
     assert missing in one_error_line(p.stderr)
 
 
-def test_cli_help_lists_every_setting():
-    p = run_raw(["--help"])
-    assert p.returncode == 0, p.stderr
-    # reference: every `name = value  # comment` line of train.py's settings block
-    with open(TRAIN) as f:
-        source = f.read().split("# settings", 1)[1].split("\n# ---", 1)[0]
-    expected = {}
-    for line in source.splitlines():
-        if "=" in line and "#" in line and not line.startswith((" ", "#")):
-            expected[line.split("=", 1)[0].strip()] = line.split("#", 1)[1].strip()
-    assert set(expected) == set(train.SETTINGS), "every setting has a comment"
-    lines = {line.split("=", 1)[0].strip(): line for line in p.stdout.splitlines() if line.strip().startswith("--")}
-    for key, comment in expected.items():
-        line = lines.get(f"--{key}")
-        assert line is not None, f"--help does not list {key}"
-        assert f"--{key}={getattr(train, key)!r}" in line
-        assert comment in line
-    assert "learning_rate" in lines["--learning_rate"] and "peak learning rate" in lines["--learning_rate"]
+def test_help_lists_every_setting_with_its_default_and_comment(capsys):
+    defaults = {k: getattr(train, k) for k in train.SETTINGS}
+    with pytest.raises(SystemExit) as e:
+        configurator.configure(defaults, ["--help"], TRAIN)
+    assert e.value.code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--")]
+    assert len(lines) == len(train.SETTINGS)
+    assert all(len(line.split("  ")[-1].strip()) > 3 for line in lines), "every setting has a comment"
+    by_key = {line.split("=", 1)[0].strip(): line for line in lines}
+    assert by_key["--learning_rate"].split() == ["--learning_rate=0.0006", "peak", "learning", "rate", "of", "AdamW"]
+    assert by_key["--init_from"].startswith("  --init_from='scratch'")
+
+
+def test_every_setting_has_a_rule():
+    assert set(train.RULES) == set(train.SETTINGS)
+    defaults = {k: getattr(train, k) for k in train.SETTINGS}
+    configurator.check_settings(defaults, train.RULES, TRAIN)  # the defaults are valid
+    with pytest.raises(KeyError, match="no rule"):
+        configurator.check_settings({**defaults, "new_setting": 1}, train.RULES, TRAIN)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("lr_schedule", "bogus"), ("optimizer", "sgd"), ("decay_frac", -0.1), ("decay_frac", 0.0),
+    ("max_iters", -1), ("eval_interval", 0), ("log_interval", 0), ("ckpt_interval", -1),
+    ("batch_size", 0), ("dropout", 1.0), ("device", "cuda:x"), ("dtype", "fp8"), ("sampling", "shuffle"),
+    ("init_from", "gpt3"), ("compile", "yes"), ("mlp", "geglu"), ("gradient_accumulation_steps", 0)])
+def test_bad_setting_is_refused_by_its_rule(key, value):
+    settings = {**{k: getattr(train, k) for k in train.SETTINGS}, key: value}
+    with pytest.raises(configurator.ConfigError, match=f"^{key}={value!r} is not valid: it must be"):
+        configurator.check_settings(settings, train.RULES, TRAIN)
+
+
+@pytest.mark.parametrize("override", ["--lr_schedule=bogus", "--n_embd=100"])
+def test_cli_bad_setting_stops_before_anything_is_written(tmp_path, override):
+    out = tmp_path / "out"
+    p = run_raw([f"--out_dir={out}", "--device=cpu", override])
+    assert p.returncode == 1
+    assert override[2:].split("=")[0] in one_error_line(p.stderr)
+    assert not out.exists()
 
 
 # -----------------------------------------------------------------------------
