@@ -52,6 +52,11 @@ def keep_freed_memory():
         pass
 
 
+def peak_gpu_memory_mb(device_type):
+    """The most GPU memory tensors have held so far, MiB (None off CUDA: bench.py reads RSS there)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else None
+
+
 def autocast_context(device_type, dtype):
     if dtype == "float32":
         return nullcontext()

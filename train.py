@@ -33,8 +33,9 @@ from evaluate import estimate_loss
 from metrics import append_metrics, truncate_metrics
 from model import CHOICES, GPT, GPTConfig
 from optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
-from runtime import (StopSignal, autocast_context, derive_grad_accum, full_state_dict, init_distributed, keep_freed_memory,
-                     peak_flops, resolve_device, resolve_dtype, set_grad_sync, shard_model, try_compile)
+from runtime import (StopSignal, autocast_context, derive_grad_accum, full_state_dict, init_distributed,
+                     keep_freed_memory, peak_flops, peak_gpu_memory_mb, resolve_device, resolve_dtype,
+                     set_grad_sync, shard_model, try_compile)
 
 # -----------------------------------------------------------------------------
 # settings: defaults train GPT-2 124M on OpenWebText on 8 GPUs, as nanoGPT
@@ -412,7 +413,7 @@ if __name__ == "__main__":
                       f"mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}")
                 record = {"iter": iter_num, "loss": lossf, "lr": lr_scale * learning_rate, "ms": dt * 1000,
                           "tokens_per_s": tokens_per_iter / dt, "mfu": mfu, "bad_steps": bad_steps,
-                          "data_wait_ms": loader.wait_time * 1000}
+                          "data_wait_ms": loader.wait_time * 1000, "peak_cuda_mem_mb": peak_gpu_memory_mb(device_type)}
                 append_metrics(metrics_path, record)
                 if wandb_log:
                     wandb.log({"iter": iter_num, "train/loss": lossf, "lr": record["lr"], "mfu": mfu})
