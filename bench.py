@@ -187,7 +187,7 @@ def summarize(records, warmup, maxrss_kib, seen, wall_s):
     if None not in waits:  # cumulative since the start: the difference over the timed window
         wait = (waits[-1] - (waits[warmup - 1] if warmup else 0.0)) / len(timed)
     workers = [hwm for hwm, cmd in seen.values() if "train.py" in cmd]
-    cuda = [r["peak_cuda_mem_mb"] for r in records if "peak_cuda_mem_mb" in r]
+    cuda = [r["peak_cuda_mem_mb"] for r in records if r.get("peak_cuda_mem_mb") is not None]
     return {"iters_timed": len(timed), "ms_per_iter": median_of(timed, "ms"),
             "tokens_per_s": median_of(timed, "tokens_per_s"), "mfu": median_of(timed, "mfu"),
             "data_wait_ms_per_iter": wait, "peak_rss_mb": maxrss_kib / 1024,

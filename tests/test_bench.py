@@ -55,6 +55,7 @@ def test_train_report(tiny_data, tmp_path):
         assert row in out
 
 
+@pytest.mark.slow
 def test_compare_interleaved(tiny_data, tmp_path):
     out, report = run_bench(*TINY_TRAIN, f"--data_dir={tiny_data}", "--rounds=2",
                             "--compare", "--batch_size=4", "--batch_size=8", tmp_path=tmp_path)
@@ -71,6 +72,7 @@ def test_compare_interleaved(tiny_data, tmp_path):
         report["B"]["rounds"][0]["command"].index("--batch_size=4")
 
 
+@pytest.mark.slow
 def test_compare_external_command(tiny_data, tmp_path):
     # a stand-in for nanoGPT: its log format, 10 ms per iteration, 640 tokens per iteration
     fake = ("import sys; print('tokens per iteration will be: 640'); "
@@ -128,6 +130,7 @@ def test_summary_data_wait():
         bench.summarize(steps, 6, 2048, {}, 1.0)
 
 
+@pytest.mark.slow
 def test_quality_times_whole_runs(tiny_data, tmp_path):
     # each setting runs its own schedule: evaluations at iter 0 and at its max_iters
     out, report = run_bench(*TINY_TRAIN, f"--data_dir={tiny_data}", "--quality", "--target=10",

@@ -14,6 +14,8 @@ import torch
 from trainutil import (REPO, char_data, child_env, kill_tree, last_logged_iter, read_metrics,  # noqa: F401
                        run_torchrun, run_train, step_losses, eval_losses, torchrun_cmd, wait_for)
 
+pytestmark = pytest.mark.slow  # every test here runs torchrun
+
 
 def load(out):
     return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)

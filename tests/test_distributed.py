@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from trainutil import (REPO, TRAIN, char_data, child_env, eval_losses, free_port,  # noqa: F401
                        read_metrics, run_torchrun, run_train, step_losses, train_args)
+
+pytestmark = pytest.mark.slow  # every test here runs torchrun
 
 # 4 global micro-batches per step: 1 process x 4, 2 processes x 2, 2 nodes x 1 process x 2
 RUN = dict(gradient_accumulation_steps=4, max_iters=20, eval_interval=10, eval_iters=5,

@@ -173,6 +173,7 @@ def test_cli_unknown_key():
     assert "'learning_rat'" in line and "learning_rate" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["abc", "1.5"])
 def test_cli_wrong_type(value):
     p = run_raw([f"--batch_size={value}"])
@@ -181,6 +182,7 @@ def test_cli_wrong_type(value):
     assert "batch_size" in line and value in line and "int" in line
 
 
+@pytest.mark.slow
 def test_cli_missing_config_file(tmp_path):
     missing = str(tmp_path / "nope.py")
     p = run_raw([missing, "--batch_size=4"])
@@ -246,6 +248,7 @@ def test_loss_falls(tmp_path, char_data):
     assert evals[30][1] < evals[0][1] - 0.5, evals
 
 
+@pytest.mark.slow
 def test_logged_loss_is_mean_over_micro_steps(tmp_path, char_data):
     """With lr 0, AdamW leaves the weights as initialised, so ckpt.pt at iter 1 holds the
     weights of step 0; the loss logged for step 0 is the mean of its 3 micro-batch losses."""
@@ -310,6 +313,7 @@ def test_checkpoint_keys(best_run):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+@pytest.mark.slow
 def test_eval_only(tmp_path, best_run, char_data):
     """eval_only on the checkpoint: one evaluation equal to the training run's own eval at that
     iteration (same fixed eval batches), no checkpoint written. --learning_rate=1 (an int where
@@ -350,6 +354,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_stops_page_faults_between_steps():
     faults = {}
@@ -361,6 +366,7 @@ def test_keep_freed_memory_stops_page_faults_between_steps():
     assert faults["keep"] * 3 < faults["default"], faults
 
 
+@pytest.mark.slow
 def test_compile_on_cpu_trains_like_eager(tmp_path, char_data):
     """compile=True compiles (no fallback to eager) and gives eager's losses to rounding; the
     checkpoint has the plain parameter names."""
@@ -375,6 +381,7 @@ def test_compile_on_cpu_trains_like_eager(tmp_path, char_data):
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
 
 
+@pytest.mark.slow
 def test_resume_from_compiled_style_prefixes(tmp_path, best_run, char_data):
     """A nanoGPT checkpoint of a compiled model has '_orig_mod.' keys; it resumes."""
     out = str(tmp_path / "out")
@@ -394,6 +401,7 @@ def test_resume_from_compiled_style_prefixes(tmp_path, best_run, char_data):
     assert eval_losses(read_metrics(out))[12] == pytest.approx(eval_losses(read_metrics(best_run))[12], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_init_from_auto(tmp_path, char_data):
     out = str(tmp_path / "out")
     p = run_train(out, char_data, init_from="auto", max_iters=4, eval_interval=2)
@@ -418,6 +426,7 @@ def resume_error(out, char_data, **overrides):
     return one_error_line(p.stderr)
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint(tmp_path, best_run, char_data):
     out = str(tmp_path / "out")
     os.makedirs(out)
@@ -428,6 +437,7 @@ def test_truncated_checkpoint(tmp_path, best_run, char_data):
     assert path in resume_error(out, char_data, max_iters=20)
 
 
+@pytest.mark.slow
 def test_foreign_checkpoint(tmp_path, char_data):
     out = str(tmp_path / "out")
     os.makedirs(out)
@@ -446,6 +456,7 @@ class Payload:
         return (os.makedirs, (self.marker,))
 
 
+@pytest.mark.slow
 def test_checkpoint_with_code_is_refused(tmp_path, char_data):
     out = str(tmp_path / "out")
     os.makedirs(out)
@@ -460,6 +471,7 @@ def test_checkpoint_with_code_is_refused(tmp_path, char_data):
     assert not os.path.exists(marker)
 
 
+@pytest.mark.slow
 def test_model_args_mismatch(tmp_path, best_run, char_data):
     out = str(tmp_path / "out")
     shutil.copytree(best_run, out)
@@ -479,6 +491,7 @@ def test_missing_data_dir(tmp_path):
     assert missing in one_error_line(p.stderr)
 
 
+@pytest.mark.slow
 def test_val_shorter_than_block(tmp_path, char_data):
     data = str(tmp_path / "data")
     shutil.copytree(char_data, data)
@@ -489,6 +502,7 @@ def test_val_shorter_than_block(tmp_path, char_data):
     assert os.path.join(data, "val.bin") in line and "block_size" in line
 
 
+@pytest.mark.slow
 def test_token_id_out_of_range(tmp_path):
     data = write_char_dataset(str(tmp_path / "data"), "abcdefgh" * 200)
     ids = np.fromfile(os.path.join(data, "train.bin"), dtype=np.uint16)
@@ -504,6 +518,7 @@ def test_token_id_out_of_range(tmp_path):
 # wandb
 
 
+@pytest.mark.slow
 def test_wandb_offline(tmp_path, char_data):
     from trainutil import child_env
     wandb_dir = str(tmp_path / "wandb")
@@ -521,6 +536,7 @@ def test_wandb_offline(tmp_path, char_data):
 
 @pytest.mark.parametrize("config_file", ["train_shakespeare_char.py", "speedrun_shakespeare_char_cpu.py",
                                          "train_llama_shakespeare.py", "train_gpt2.py"])
+@pytest.mark.slow
 def test_config_files_train(config_file, char_data, tmp_path):
     """Each training config's own model and optimizer settings run two steps (data, batch and
     length shrunk so that even GPT-2 124M takes seconds)."""
