@@ -92,13 +92,13 @@ def gpt_from_hf(name_or_dir, dropout=None):
     if model_type not in ARCHITECTURES:
         raise HFError(f"{os.path.join(name_or_dir, 'config.json')}: model_type={model_type!r}; only "
                       f"{', '.join(map(repr, ARCHITECTURES))} models can be loaded")
+    if model_type == "gpt2":
+        return gpt2_from_hf(name_or_dir, dropout)
     want = ARCHITECTURES[model_type]
     for arch in raw.get("architectures") or [want]:
         if arch != want:
             raise HFError(f"{name_or_dir}: architectures={arch!r} is not supported; only {want!r} "
                           f"(a causal LM head) for model_type={model_type!r}")
-    if model_type == "gpt2":
-        return gpt2_from_hf(name_or_dir, dropout)
     return llama_from_hf(name_or_dir, dropout)
 
 

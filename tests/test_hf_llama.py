@@ -18,7 +18,8 @@ import hf
 from dataloader import DataError
 from model import GPT, GPTConfig
 from tokenizer import HFTokenizer, get_tokenizer, tokenizer_from_meta
-from trainutil import REPO, child_env, corpus_text, one_error_line, read_metrics, run_train, step_losses
+from trainutil import (REPO, child_env, corpus_text, one_error_line, read_metrics, run_torchrun, run_train,
+                       step_losses)
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
@@ -423,20 +424,33 @@ def assert_cache_equals_recomputation(out_dir):
     assert torch.equal(model.generate(idx, n, temperature=0, use_cache=True), full)
 
 
+def greedy_sample_py(source, tok, generate):
+    """sample.py's greedy text from `source` (--out_dir=... or --init_from=...) against the text of
+    generate(prompt ids, n) -> new ids, cut at the end-of-text token as sample.py cuts it."""
+    prompt = tok.encode("ROMEO:")
+    ids = generate(torch.tensor([prompt]), 12)[0, len(prompt):].tolist()
+    ids = ids[:ids.index(tok.eot_token)] if tok.eot_token in ids else ids
+    p = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), source, "--start=ROMEO:",
+                        "--temperature=0", "--num_samples=1", "--max_new_tokens=12", "--device=cpu"],
+                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split("\n---------------\n")[0] == tok.decode(prompt + ids)
+
+
 def assert_sample_py_decodes(out_dir, model_dir):
     from checkpoint import build_model, load_checkpoint
     path = os.path.join(out_dir, "ckpt.pt")
     model = build_model(load_checkpoint(path), path).eval()
-    tok = get_tokenizer(f"hf:{model_dir}")
-    prompt = tok.encode("ROMEO:")
-    ids = model.generate(torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):].tolist()
-    ids = ids[:ids.index(tok.eot_token)] if tok.eot_token in ids else ids
-    p = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), f"--out_dir={out_dir}",
-                        "--start=ROMEO:", "--temperature=0", "--num_samples=1", "--max_new_tokens=12",
-                        "--device=cpu"], cwd=out_dir, env=child_env(), capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.split("\n---------------\n")[0] == tok.decode(prompt + ids)
+    greedy_sample_py(f"--out_dir={out_dir}", get_tokenizer(f"hf:{model_dir}"),
+                     lambda idx, n: model.generate(idx, n, temperature=0))
+
+
+@pytest.mark.slow
+def test_sample_py_from_an_hf_dir_gives_transformers_greedy_text(finetune_setup):
+    model_dir, _ = finetune_setup
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    greedy_sample_py(f"--init_from={model_dir}", get_tokenizer(f"hf:{model_dir}"),
+                     lambda idx, n: hf_greedy(reference, idx, n))
 
 
 def assert_exported_like_ours(out_dir, model_dir, hf_out):
@@ -449,6 +463,18 @@ def assert_exported_like_ours(out_dir, model_dir, hf_out):
     assert max_diff(exported, ours, random_idx(ours.config.vocab_size, 24)) <= 1e-4
     original = transformers.AutoTokenizer.from_pretrained(model_dir)
     assert transformers.AutoTokenizer.from_pretrained(hf_out)(TEXT)["input_ids"] == original(TEXT)["input_ids"]
+
+
+@pytest.mark.slow
+def test_fsdp_finetunes_an_import_as_one_process_does(tmp_path, finetune_setup):
+    model_dir, data_dir = finetune_setup
+    settings = dict(FINETUNE, init_from=model_dir, dropout=0.0, max_iters=4)
+    one, two = str(tmp_path / "one"), str(tmp_path / "fsdp")
+    run_train(one, data_dir, **settings)
+    run_torchrun(2, two, data_dir, fsdp=True, **settings)
+    a, b = step_losses(read_metrics(one)), step_losses(read_metrics(two))
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    assert all(abs(a[i] - b[i]) <= 1e-5 * a[i] for i in a), (a, b)
 
 
 @pytest.mark.slow
