@@ -33,6 +33,9 @@ class GPTConfig:
     # than tanh in torch 2.13 on CPU), 'relu2' or 'swiglu'
     mlp: str = "gelu"
     multiple_of: int = 64  # SwiGLU hidden size is rounded up to this
+    mlp_hidden: int = 0  # MLP hidden size; 0 = 4 * n_embd (swiglu: 8/3 * n_embd up to a multiple_of)
+    head_dim: int = 0  # query/key/value size per head; 0 = n_embd // n_head (Qwen3 decouples them)
+    norm_eps: float = 1e-5  # epsilon of every LayerNorm / RMSNorm
     qk_norm: bool = False  # normalise queries and keys per head before attention
     tie_embeddings: bool = True  # lm_head shares wte's weight, as GPT-2
     logit_softcap: float = 0.0  # logits -> c * tanh(logits / c); 0 = off
@@ -44,12 +47,15 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "multiple_of"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        if self.n_embd % self.n_head:
+        if self.mlp_hidden < 0 or self.head_dim < 0 or self.norm_eps <= 0:
+            raise ValueError(f"mlp_hidden={self.mlp_hidden} and head_dim={self.head_dim} must be >= 0 "
+                             f"and norm_eps={self.norm_eps} > 0")
+        if self.n_embd % self.n_head and not self.head_dim:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_kv_head < 0 or self.n_head % self.kv_heads:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"pos_emb='rope' needs an even head size, got {self.n_embd // self.n_head}")
+        if self.pos_emb == "rope" and self.head_size % 2:
+            raise ValueError(f"pos_emb='rope' needs an even head size, got {self.head_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
@@ -57,25 +63,30 @@ class GPTConfig:
     def kv_heads(self):
         return self.n_kv_head or self.n_head
 
+    @property
+    def head_size(self):
+        return self.head_dim or self.n_embd // self.n_head
+
     @classmethod
     def field_names(cls):
         return [f.name for f in fields(cls)]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, ndim):
+    def __init__(self, ndim, eps=1e-5):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
+        self.eps = eps
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, eps=1e-5)
+        return F.rms_norm(x, (x.size(-1),), self.weight, eps=self.eps)
 
 
 def make_norm(config, ndim=None):
     ndim = ndim or config.n_embd
     if config.norm == "rmsnorm":
-        return RMSNorm(ndim)
-    return nn.LayerNorm(ndim, bias=config.bias, eps=1e-5)
+        return RMSNorm(ndim, config.norm_eps)
+    return nn.LayerNorm(ndim, bias=config.bias, eps=config.norm_eps)
 
 
 def rope_tables(head_dim, max_len, theta):
@@ -268,10 +279,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head = layer, config.n_head, config.kv_heads
-        self.head_dim = config.n_embd // config.n_head
+        self.head_dim = config.head_size
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         self.c_attn = Linear(config.n_embd, qkv_dim, bias=config.bias)  # q, k, v fused
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout, self.block_size = config.dropout, config.block_size
         if config.qk_norm:
@@ -298,7 +309,7 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         y = attention(q, k, v, mask, causal and T > 1, self.dropout if self.training else 0.0,
                       self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -308,10 +319,11 @@ class MLP(nn.Module):
         self.kind = config.mlp
         if config.mlp == "swiglu":
             # Llama: 2/3 of 4C keeps the parameter count of a 4C GELU MLP
-            hidden = config.multiple_of * math.ceil(8 * config.n_embd / 3 / config.multiple_of)
+            rounded = config.multiple_of * math.ceil(8 * config.n_embd / 3 / config.multiple_of)
+            hidden = config.mlp_hidden or rounded
             self.c_fc = Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and up, fused
         else:
-            hidden = 4 * config.n_embd
+            hidden = config.mlp_hidden or 4 * config.n_embd
             self.c_fc = Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -378,7 +390,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
         if config.pos_emb == "rope":
-            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+            cos, sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -452,7 +464,7 @@ class GPT(nn.Module):
         (PaLM appendix B), with T = block_size."""
         cfg = self.config
         N = self.get_num_params()
-        return 6 * N + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        return 6 * N + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * cfg.block_size
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
         """Model FLOPs utilisation as a fraction of `peak_flops`; None where the peak is unknown."""

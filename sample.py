@@ -14,7 +14,7 @@ import torch
 
 # -----------------------------------------------------------------------------
 # settings
-init_from = "resume"  # 'resume' (a checkpoint in out_dir), 'gpt2*', or a local HF GPT-2 dir
+init_from = "resume"  # 'resume' (a checkpoint in out_dir), 'gpt2*', or a GPT-2, Llama or Qwen3 HF dir
 out_dir = "out"  # where init_from='resume' finds its checkpoint
 ckpt = "auto"  # 'auto' = out_dir/best.pt if it exists, else out_dir/ckpt.pt; or a path
 start = "\n"  # the prompt, or "FILE:path" to read it from a file
@@ -38,8 +38,8 @@ SEPARATOR = "---------------"
 from checkpoint import build_model, load_checkpoint  # noqa: E402
 from configurator import UserError, configure, install_error_hook  # noqa: E402
 from dataloader import load_meta  # noqa: E402
-from hf import gpt_from_hf  # noqa: E402
-from tokenizer import get_tokenizer, tokenizer_from_meta  # noqa: E402
+from hf import gpt_from_hf, hf_tokenizer  # noqa: E402
+from tokenizer import tokenizer_from_meta  # noqa: E402
 from runtime import autocast_context, resolve_device, resolve_dtype  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def load_model(init_from, out_dir, ckpt):
         path = checkpoint_path(out_dir, ckpt)
         checkpoint = load_checkpoint(path)
         return build_model(checkpoint, path), checkpoint_tokenizer(checkpoint), path
-    return gpt_from_hf(init_from), get_tokenizer("gpt2"), init_from
+    return gpt_from_hf(init_from), hf_tokenizer(init_from), init_from
 
 
 def read_prompt(start):

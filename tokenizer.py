@@ -7,6 +7,7 @@ Encodings:
   <tiktoken>    gpt2, cl100k_base, ... (text encoded with encode_ordinary, so a literal
                 "<|endoftext|>" in a document stays text)
   bpe           a byte-level BPE trained by data/text/prepare.py, saved as tokenizer.json
+  hf:DIR        the tokenizer.json of a Hugging Face model in DIR (meta.json: encoding 'hf')
 
 Documents: with tiktoken and bpe every document is followed by the end-of-text token; char
 has no such token, so a newline is added after a document that does not already end in one.
@@ -15,6 +16,7 @@ import collections
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 
@@ -142,11 +144,52 @@ class BPETokenizer(_DocumentEncoder):
         return {"encoding": "bpe", "eot_token": self.eot_token, "tokenizer_file": "tokenizer.json"}
 
 
+class HFTokenizer(BPETokenizer):
+    """A Hugging Face model's own tokenizer, encoding 'hf:DIR': DIR/tokenizer.json through the
+    tokenizers library, so a corpus is encoded for fine-tuning the model in DIR. Documents end
+    with the model's eos_token (from DIR/tokenizer_config.json, which meta.json keeps so that
+    hf.py's export can write it back). meta.json names the tokenizer.json by its path; save()
+    copies it into a data dir so that the dataset no longer needs DIR."""
+    name = "hf"
+
+    def __init__(self, path, json_text=None, tokenizer_config=None):
+        if json_text is None and not os.path.exists(path):
+            raise DataError(f"{path} not found; encoding hf:DIR needs a Hugging Face model directory "
+                            f"with a tokenizer.json")
+        super().__init__(path, json_text)
+        self.path, self.tokenizer_config = path, tokenizer_config or {}
+        eos = self.tokenizer_config.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        self.eot_token = self.tok.token_to_id(eos) if eos else None
+
+    @classmethod
+    def from_dir(cls, hf_dir):
+        config, path = {}, os.path.join(hf_dir, "tokenizer_config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                config = json.load(f)
+        return cls(os.path.abspath(os.path.join(hf_dir, "tokenizer.json")), tokenizer_config=config)
+
+    def save(self, data_dir):
+        """Copy tokenizer.json into data_dir; meta() then names it relative to the data dir."""
+        dst = os.path.join(data_dir, "tokenizer.json")
+        shutil.copyfile(self.path, dst + ".tmp")
+        os.replace(dst + ".tmp", dst)
+        self.path = "tokenizer.json"
+
+    def meta(self):
+        return {"encoding": "hf", "eot_token": self.eot_token, "tokenizer_file": self.path,
+                "tokenizer_config": self.tokenizer_config}
+
+
 def get_tokenizer(encoding):
-    """A tokenizer by name alone (e.g. 'gpt2' for a checkpoint initialised from GPT-2)."""
-    if encoding in ("char", "bpe"):
+    """A tokenizer by name alone (e.g. 'gpt2' for a checkpoint initialised from GPT-2, or
+    'hf:DIR' for the tokenizer of the Hugging Face model in DIR)."""
+    if encoding in ("char", "bpe", "hf"):
         raise DataError(f"encoding {encoding!r} is defined by a dataset; use "
                         f"load_tokenizer(data_dir) with the dir that has its meta.json")
+    if encoding.startswith("hf:"):
+        return HFTokenizer.from_dir(encoding[3:])
     return TiktokenTokenizer(encoding)
 
 
@@ -157,6 +200,9 @@ def tokenizer_from_meta(meta, data_dir=None):
     if encoding == "bpe":
         return BPETokenizer(os.path.join(data_dir or ".", meta.get("tokenizer_file", "tokenizer.json")),
                             meta.get("tokenizer_json"))
+    if encoding == "hf":  # tokenizer_file may be an absolute path (in the model's dir)
+        return HFTokenizer(os.path.join(data_dir or ".", meta.get("tokenizer_file", "tokenizer.json")),
+                           meta.get("tokenizer_json"), meta.get("tokenizer_config"))
     return get_tokenizer(encoding)
 
 

@@ -222,7 +222,7 @@ if __name__ == "__main__":
     # -------------------------------------------------------------------------
     # data: validated up front; batches depend only on (seed, step, micro-batch)
     splits, meta = open_dataset(data_dir, block_size, model.config.vocab_size)
-    if meta.get("encoding") == "bpe":  # checkpoints carry their tokenizer, wherever the data goes
+    if meta.get("encoding") in ("bpe", "hf"):  # checkpoints carry their tokenizer, wherever the data goes
         with open(os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.json"))) as f:
             meta["tokenizer_json"] = f.read()
     loader = BatchLoader(splits["train"], block_size, batch_size, seed, grad_accum * world_size,

@@ -20,6 +20,9 @@ HF_CONFIGS = {
     # exact (erf) GELU, as nanoGPT's models: imported as mlp='gelu_exact'
     "erf_gelu": dict(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=65,
                      activation_function="gelu"),
+    # imported as norm_eps and mlp_hidden
+    "eps_n_inner": dict(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=65,
+                        layer_norm_epsilon=1e-6, n_inner=100),
 }
 
 
@@ -148,8 +151,8 @@ def test_export_without_gpt2_meta_writes_no_tokenizer(tmp_path, hf_dir):
 
 
 @pytest.mark.parametrize("option, value", [
-    ("pos_emb", "rope"), ("mlp", "swiglu"), ("mlp", "relu2"), ("norm", "rmsnorm"), ("n_kv_head", 1),
-    ("qk_norm", True), ("tie_embeddings", False), ("bias", False), ("logit_softcap", 30.0)])
+    ("mlp", "swiglu"), ("mlp", "relu2"), ("norm", "rmsnorm"), ("n_kv_head", 1),
+    ("qk_norm", True), ("tie_embeddings", False), ("bias", False), ("logit_softcap", 30.0), ("head_dim", 16)])
 def test_export_refuses_what_gpt2_cannot_express(tmp_path, option, value):
     model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16, **{option: value}))
     ckpt = save_ours(model, str(tmp_path / "ckpt.pt"))
@@ -159,8 +162,8 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, option, value):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("activation_function", "relu"), ("layer_norm_epsilon", 1e-6),
-    ("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True), ("n_inner", 100)])
+    ("activation_function", "relu"), ("scale_attn_by_inverse_layer_idx", True),
+    ("reorder_and_upcast_attn", True), ("tie_word_embeddings", False)])
 def test_import_refuses_other_gpt2_variants(tmp_path, key, value):
     cfg = transformers.GPT2Config(bos_token_id=None, eos_token_id=None, **HF_CONFIGS["small"], **{key: value})
     cfg.save_pretrained(str(tmp_path))
@@ -170,8 +173,8 @@ def test_import_refuses_other_gpt2_variants(tmp_path, key, value):
 
 def test_import_refuses_other_model_types(tmp_path):
     with open(tmp_path / "config.json", "w") as f:
-        json.dump({"model_type": "llama"}, f)
-    with pytest.raises(hf.HFError, match="model_type='llama'"):
+        json.dump({"model_type": "mistral"}, f)
+    with pytest.raises(hf.HFError, match="model_type='mistral'"):
         hf.gpt_from_hf(str(tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(hf.HFError, match="config.json not found"):
