@@ -1,6 +1,6 @@
 """
 Where a run's numbers go: out_dir/metrics.jsonl, one JSON object per log line or eval,
-always; Weights & Biases when asked.
+always; Weights & Biases and TensorBoard when asked (MetricsLogger).
 """
 import json
 import math
@@ -35,3 +35,51 @@ def truncate_metrics(path, iter_num):
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+# where a record's keys go in wandb and TensorBoard: train/<key>, perf/<key>, else eval/<key>
+GROUPS = {"loss": "train", "lr": "train", "grad_norm": "train", "bad_steps": "train",
+          "ms": "perf", "tokens_per_s": "perf", "mfu": "perf", "data_wait_ms": "perf"}
+
+
+def scalars(record):
+    """{tag: value} of a record's numbers (not its iter, flags or missing values)."""
+    return {f"{GROUPS.get(k, 'eval')}/{k}": float(v) for k, v in record.items()
+            if k != "iter" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MetricsLogger:
+    """Every record goes to out_dir/metrics.jsonl, and its numbers to wandb and TensorBoard
+    (out_dir/tensorboard) when asked, at step record['iter']. A run starting at start_iter first
+    drops what an earlier run logged at or after it (steps it will redo), in the file and in
+    TensorBoard (purge_step), so a resumed run continues the same curves."""
+
+    def __init__(self, out_dir, start_iter, config=None, wandb_log=False, wandb_project="",
+                 wandb_run_name="", tensorboard=False):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        truncate_metrics(self.path, start_iter)
+        self.wandb = self.tb = None
+        if wandb_log:
+            import wandb
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+            for group in ("train", "perf", "eval"):
+                wandb.define_metric(f"{group}/*", step_metric="iter")
+            self.wandb = wandb
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_iter)
+
+    def log(self, record):
+        append_metrics(self.path, record)
+        values = scalars(record)
+        if self.wandb is not None:
+            self.wandb.log({"iter": record["iter"], **values})
+        if self.tb is not None:
+            for tag, value in values.items():
+                self.tb.add_scalar(tag, value, record["iter"])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()

@@ -29,8 +29,9 @@ from checkpoint import (CheckpointError, build_model, capture_rng, check_model_a
 from configurator import (ANY, ConfigError, UserError, at_least, check_settings, configure, in_range,
                           install_error_hook, one_of)
 from dataloader import BatchLoader, load_meta, open_dataset
-from evaluate import estimate_loss
-from metrics import append_metrics, truncate_metrics
+from evaluate import (TASKS, estimate_loss, eval_tokenizer, format_results, load_tasks, parse_tasks, score_tasks,
+                      token_byte_lengths)
+from metrics import MetricsLogger, append_metrics
 from model import CHOICES, GPT, GPTConfig
 from optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
 from runtime import (StopSignal, autocast_context, derive_grad_accum, full_state_dict, init_distributed,
@@ -44,6 +45,10 @@ out_dir = "out"  # checkpoints, metrics.jsonl and logs go here
 eval_interval = 2000  # iterations between evaluations of train and val loss
 log_interval = 1  # iterations between log lines (each costs a host sync)
 eval_iters = 200  # batches per split in each evaluation (a fixed set, the same every time)
+eval_tasks = ""  # multiple-choice tasks scored during training, comma-separated: 'hellaswag'; '' = none
+eval_tasks_interval = 0  # iterations between scorings of eval_tasks; 0 = eval_interval
+eval_tasks_max = 0  # examples per task in each scoring (the first ones, the same every time); 0 = all
+hellaswag_path = "data/hellaswag/hellaswag_val.jsonl"  # HellaSwag's validation set; downloaded when missing
 eval_only = False  # evaluate once and exit
 ckpt_interval = 0  # iterations between saves of ckpt.pt (the resume point); 0 = eval_interval
 always_save_checkpoint = True  # False: also keep best.pt, the weights with the best val loss
@@ -53,6 +58,7 @@ max_bad_steps = 5  # stop after this many non-finite losses/gradients in a row
 wandb_log = False  # log to Weights & Biases as well as out_dir/metrics.jsonl
 wandb_project = "owt"  # wandb project name
 wandb_run_name = "gpt2"  # wandb run name
+tensorboard_log = False  # also write the logged numbers to out_dir/tensorboard for TensorBoard
 # data
 dataset = "openwebtext"  # a prepared dataset under data/
 data_dir = ""  # explicit path to a dataset directory; overrides dataset when set
@@ -112,7 +118,9 @@ RULES = dict(
     init_from=(lambda v: v in ("scratch", "resume", "auto") or v.startswith("gpt2") or os.path.isdir(v),
                "'scratch', 'resume', 'auto', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a "
                "Hugging Face model directory that exists"),
-    max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
+    eval_tasks=(lambda v: all(name.strip() in TASKS for name in v.split(",") if name.strip()),
+                f"comma-separated task names from {', '.join(TASKS)}, or ''"), eval_tasks_interval=NON_NEGATIVE, eval_tasks_max=NON_NEGATIVE, hellaswag_path=ANY,
+    tensorboard_log=ANY, max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
     dataset=(lambda v: v != "", "a directory name under data/"), data_dir=ANY,
     gradient_accumulation_steps=POSITIVE, total_batch_size=NON_NEGATIVE, batch_size=POSITIVE,
     block_size=POSITIVE, sampling=one_of("random", "epoch"),
@@ -277,13 +285,14 @@ if __name__ == "__main__":
                       {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype])
 
     # -------------------------------------------------------------------------
-    # logging: metrics.jsonl in out_dir always, wandb when asked
+    # logging: metrics.jsonl in out_dir always, wandb and TensorBoard when asked; what evaluations need
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if master_process:
-        truncate_metrics(metrics_path, iter_num)
-        if wandb_log:
-            import wandb
-            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    task_names = parse_tasks(eval_tasks, "eval_tasks")
+    tok = eval_tokenizer(meta, data_dir, required=bool(task_names), quiet=not master_process)
+    token_bytes = token_byte_lengths(tok, raw_model.config.vocab_size) if tok else None  # for val bpb
+    tasks = load_tasks(task_names, {"hellaswag": hellaswag_path}, tok, block_size, eval_tasks_max, rank, ddp)
+    logger = MetricsLogger(out_dir, iter_num, config, wandb_log, wandb_project, wandb_run_name,
+                           tensorboard_log) if master_process else None
 
     def save(path, with_optimizer=True):
         """Gather every rank's RNG (a collective: all ranks call this), then rank 0 writes."""
@@ -332,19 +341,21 @@ if __name__ == "__main__":
         # evaluate, keep the best weights
         lr_scale = get_lr(iter_num, 1.0, min_lr / learning_rate if learning_rate else 0.0, warmup_iters,
                           lr_decay_iters, lr_schedule, decay_frac) if decay_lr else 1.0  # lr 0 is allowed
-        if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
-            losses = estimate_loss(eval_model, splits, block_size, batch_size, eval_iters, ctx, device,
-                                   rank, world_size)
+        eval_due = iter_num % eval_interval == 0 or iter_num == max_iters or eval_only
+        tasks_due = bool(tasks) and (iter_num % (eval_tasks_interval or eval_interval) == 0
+                                     or iter_num == max_iters or eval_only)
+        if eval_due or tasks_due:
+            results = estimate_loss(eval_model, splits, block_size, batch_size, eval_iters, ctx, device,
+                                    rank, world_size, token_bytes) if eval_due else {}
+            if tasks_due:
+                results.update(score_tasks(tasks, eval_model, batch_size, ctx, device, rank, world_size))
             if master_process:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                append_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"],
-                                              "val_loss": losses["val"]})
-                if wandb_log:
-                    wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"]})
+                print(f"step {iter_num}: {format_results(results)}")
+                logger.log({"iter": iter_num, **results})
             if eval_only:
                 break
-            if losses["val"] < best_val_loss:
-                best_val_loss = losses["val"]
+            if eval_due and results["val_loss"] < best_val_loss:
+                best_val_loss = results["val_loss"]
                 if not always_save_checkpoint and iter_num > start_iter:
                     save(os.path.join(out_dir, "best.pt"), with_optimizer=False)
             t0 = time.perf_counter()
@@ -408,15 +419,14 @@ if __name__ == "__main__":
             lossf = loss_sum.item() / grad_accum / world_size
             mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak * world_size if peak else None)
             if master_process:
-                print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr_scale * learning_rate:.2e}, time "
-                      f"{dt * 1000:.1f}ms, {tokens_per_iter / dt:,.0f} tok/s, "
+                norm = grad_norm.item()  # before clipping; the same on every rank
+                print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr_scale * learning_rate:.2e}, grad norm "
+                      f"{norm:.4f}, time {dt * 1000:.1f}ms, {tokens_per_iter / dt:,.0f} tok/s, "
                       f"mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}")
-                record = {"iter": iter_num, "loss": lossf, "lr": lr_scale * learning_rate, "ms": dt * 1000,
-                          "tokens_per_s": tokens_per_iter / dt, "mfu": mfu, "bad_steps": bad_steps,
-                          "data_wait_ms": loader.wait_time * 1000, "peak_cuda_mem_mb": peak_gpu_memory_mb(device_type)}
-                append_metrics(metrics_path, record)
-                if wandb_log:
-                    wandb.log({"iter": iter_num, "train/loss": lossf, "lr": record["lr"], "mfu": mfu})
+                logger.log({"iter": iter_num, "loss": lossf, "lr": lr_scale * learning_rate, "grad_norm": norm,
+                            "ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt, "mfu": mfu,
+                            "bad_steps": bad_steps, "data_wait_ms": loader.wait_time * 1000,
+                            "peak_cuda_mem_mb": peak_gpu_memory_mb(device_type)})
         t0 = time.perf_counter()
         iter_num += 1
 
@@ -428,8 +438,8 @@ if __name__ == "__main__":
             break
 
     loader.close()
-    if wandb_log and master_process:
-        wandb.finish()
+    if master_process:
+        logger.close()
     if ddp:
         # gloo's worker threads release a finished collective's tensors on their own; one that
         # does so while Python finalizes cannot take the GIL, and the process aborts (exit -6,
