@@ -299,7 +299,7 @@ def test_eval_only(tmp_path, best_run, char_data):
                                                       "val_loss": pytest.approx(reference[1], rel=1e-6)}]
     for name, data in before.items():
         assert open(os.path.join(out, name), "rb").read() == data, f"eval_only rewrote {name}"
-    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "best.pt", "ckpt.pt", "metrics.jsonl"]
 
 
 # a few training steps of a small model; prints the page faults of the last 10
