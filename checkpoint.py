@@ -3,18 +3,31 @@ Checkpoints that survive a kill -9 at any moment and load without unpickling cod
 
 A checkpoint is a dict of tensors and plain Python types, with nanoGPT's keys (model,
 optimizer, model_args, iter_num, best_val_loss, config) plus what an exact resume needs
-(scaler, rng per rank, data sampler state). Files are written to a temporary file in the
-same directory, fsynced, then renamed over the old one, so the old or the new checkpoint
-exists at every instant, never a half-written one.
+(scaler, rng per rank, data sampler state, the optimizer's parameter names). Files are
+written to a temporary file in the same directory, fsynced, then renamed over the old one, so
+the old or the new checkpoint exists at every instant, never a half-written one.
+
+A training run owns its out_dir while it runs (a lock), never starts over another run's
+checkpoints unless told to, and saves and restores its resume point through the functions
+below, which take everything they use as arguments.
 """
+import errno
+import fcntl
 import os
+import pickle
 import random
+import shutil
+import socket
+import sys
+import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from configurator import UserError
 from model import GPT, GPTConfig
+from runtime import full_state_dict
 
 
 class CheckpointError(UserError):
@@ -36,12 +49,169 @@ def assert_finite(state_dict, path):
                                   f"the previous checkpoint is kept")
 
 
-def remove_stale_temps(path):
-    """Temp files left by a writer that was killed mid-save; never mistaken for checkpoints
-    (they are hidden and not named ckpt.pt), but they hold disk space."""
+# -----------------------------------------------------------------------------
+# out_dir ownership: one run at a time, and a run that does not resume never starts over
+# another run's checkpoints unless told to
+
+_locks = {}  # realpath(out_dir) -> its open lock file, held until this process exits
+
+
+def lock_out_dir(out_dir):
+    """Make out_dir this process's alone: flock on out_dir/.lock, which the kernel releases when
+    the process ends in any way (kill -9 included), so no lock outlives its run. The holder's
+    pid, host and start time are written into the file for the next run's error message."""
+    if os.path.realpath(out_dir) in _locks:
+        return _locks[os.path.realpath(out_dir)]
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CheckpointError(f"out_dir={out_dir} is a file, not a directory; pick another --out_dir")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:
+        raise CheckpointError(f"cannot use out_dir={out_dir}: {write_failure(e)}")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that is just starting"
+        f.close()
+        raise CheckpointError(f"{out_dir} is in use by another run ({holder}); wait for it to end, "
+                              f"stop it, or pick another --out_dir")
+    try:
+        f.truncate(0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        f.flush()
+    except OSError:
+        pass  # the lock holds without the note (a full disk); the next run's message is vaguer
+    _locks[os.path.realpath(out_dir)] = f
+    return f
+
+
+def resume_point(out_dir, fsdp=False):
+    """The checkpoint this kind of run resumes from in out_dir (ckpt.pt; the sharded ckpt_dcp
+    with fsdp), or None."""
+    if fsdp:
+        return os.path.join(out_dir, "ckpt_dcp") if sharded_dir(out_dir) else None
+    path = os.path.join(out_dir, "ckpt.pt")
+    return path if os.path.exists(path) else None
+
+
+def check_start(out_dir, init_from, overwrite, fsdp=False):
+    """init_from with 'auto' resolved, after refusing to start over another run's checkpoints:
+    a run that does not resume needs an out_dir without ckpt.pt, ckpt_dcp and best.pt, or
+    overwrite=True. 'auto' that finds no resume point takes a best.pt alone for its own (written
+    before its first ckpt.pt, then killed) and starts over it."""
+    auto = init_from == "auto"
+    if auto:
+        init_from = "resume" if resume_point(out_dir, fsdp) else "scratch"
+    if init_from == "resume" or overwrite:
+        return init_from
+    found = [name for name in ("ckpt.pt", "best.pt") if os.path.exists(os.path.join(out_dir, name))]
+    found += ["ckpt_dcp"] if sharded_dir(out_dir) else []  # a complete one: a torn first save is no run
+    if found and not (auto and found == ["best.pt"]):
+        raise CheckpointError(f"{out_dir} already holds {found[0]} and init_from="
+                              f"{'auto' if auto else init_from!r} would start over it; continue it with "
+                              f"--init_from=resume (or --init_from=auto), pick another --out_dir, or "
+                              f"replace it with --overwrite=True")
+    return init_from
+
+
+def claim_out_dir(out_dir, init_from, overwrite, fsdp=False):
+    """Every rank calls this before anything is written: rank 0 locks out_dir and checks what is
+    in it, then every rank gets rank 0's answer, so all go on or all stop with the same error."""
+    answer = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            lock_out_dir(out_dir)
+            answer = ("ok", check_start(out_dir, init_from, overwrite, fsdp))
+        except CheckpointError as e:
+            answer = ("error", str(e))
+    if dist.is_initialized():
+        box = [answer]
+        dist.broadcast_object_list(box, src=0)
+        answer = box[0]
+    if answer[0] == "error":
+        raise CheckpointError(answer[1])
+    return answer[1]
+
+
+def start_over(out_dir):
+    """Remove what an earlier run left (claim_out_dir allowed it): nothing in out_dir may then be
+    mistaken for this run's, such as a best.pt that sample.py would prefer over the new ckpt.pt."""
+    removed = []
+    for name in ("ckpt.pt", "best.pt", "ckpt_dcp", "metrics.jsonl"):
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        print(f"removed {', '.join(removed)} of an earlier run from {out_dir}")
+
+
+def last_saved(out_dir, fsdp=False):
+    """'out/ckpt.pt (iter 12) is intact; ...' for out_dir's resume point, for error messages."""
+    path = resume_point(out_dir, fsdp)
+    if path is None:
+        return f"no checkpoint has been written to {out_dir} yet"
+    try:
+        if path.endswith("ckpt_dcp"):
+            it = int(os.path.basename(sharded_dir(out_dir)).removeprefix("iter_"))
+        else:
+            it = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iter_num"]
+        return f"{path} (iter {it}) is intact; resume with --init_from=resume"
+    except Exception:  # only words for a message: the path alone will do
+        return f"{path} is the last checkpoint"
+
+
+def write_failure(e):
+    """Why a write failed, in words. torch.save reports a short write as a RuntimeError whose
+    context holds the OSError with the reason, so the chain is searched for an errno."""
+    reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EFBIG: "file too large (the file size limit, ulimit -f, or the filesystem's)"}
+    cause = e
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return reasons.get(cause.errno, os.strerror(cause.errno).lower())
+        cause = cause.__cause__ or cause.__context__
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+def temp_name(path):
+    """The writer's temp file: hidden, beside `path`, named after the writer (pid and host), so
+    clean-up can tell a killed writer's leftover from a live writer's file."""
     directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.tmp-{os.getpid()}@{socket.gethostname()}")
+
+
+def writer_alive(owner):
+    """Whether the writer a temp file is named after ('PID@HOST', or 'PID' from older
+    versions) may still be writing it."""
+    pid, _, host = owner.partition("@")
+    if not pid.isdigit() or host not in ("", socket.gethostname()):
+        return True  # another host's process: nothing here can tell
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
+def remove_stale_temps(path):
+    """Temp files left by writers killed mid-save (never mistaken for checkpoints, but they hold
+    disk space). Only those no live process owns go: all of them while this process holds the
+    directory's lock (every writer of an out_dir holds it), else those of dead writers on this host."""
+    directory, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}.tmp"
+    locked = os.path.realpath(directory) in _locks
     for entry in os.listdir(directory):
-        if entry.startswith(f".{name}.tmp"):
+        if entry.startswith(prefix) and (locked or not writer_alive(entry[len(prefix):].lstrip("-"))):
             try:
                 os.remove(os.path.join(directory, entry))
             except FileNotFoundError:
@@ -53,7 +223,7 @@ def save_checkpoint(state, path):
     previous file untouched and raises CheckpointError."""
     assert_finite(state.get("model", {}), path)
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp = temp_name(path)
     remove_stale_temps(path)
     try:
         with open(tmp, "wb") as f:
@@ -65,7 +235,8 @@ def save_checkpoint(state, path):
     except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise CheckpointError(f"could not write {path} ({e}); the previous checkpoint is kept")
+        kept = "the previous checkpoint is kept" if os.path.exists(path) else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write {path}: {write_failure(e)}; {kept}")
 
 
 def strip_prefixes(state_dict):
@@ -84,6 +255,12 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} not found; train first or point --out_dir/--ckpt at a checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message advises weights_only=False, i.e. running whatever the file holds
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line]
+        raise CheckpointError(f"{path} holds Python objects other than tensors and plain types "
+                              f"({found[0] if found else 'see torch.load weights_only'}), so it was not "
+                              f"loaded; a checkpoint of this project or nanoGPT never does")
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({reason}); it is truncated, "
@@ -153,6 +330,162 @@ def restore_rng(state):
 
 
 # -----------------------------------------------------------------------------
+# a training run's resume point: what train.py saves and restores, with explicit arguments
+
+NANOGPT_MODEL_ARGS = {"n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout"}
+
+
+def load_resume_point(out_dir, fsdp=False):
+    """out_dir's resume point (ckpt.pt; ckpt_dcp with fsdp), with every key a resume needs checked."""
+    if fsdp:
+        path, ckpt = os.path.join(out_dir, "ckpt_dcp"), load_sharded_state(out_dir)
+    else:
+        path = os.path.join(out_dir, "ckpt.pt")
+        ckpt = load_checkpoint(path)
+        if "optimizer" not in ckpt:
+            raise CheckpointError(f"{path} has no optimizer state (written as best.pt or by consolidate), "
+                                  f"so it cannot resume; use it with sample.py")
+    for key, kind in (("iter_num", int), ("model_args", dict)):
+        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
+            raise CheckpointError(f"{path} has no valid {key!r} ({ckpt.get(key)!r}), so it cannot resume; "
+                                  f"it was not written by train.py (this project's or nanoGPT's)")
+    ckpt["best_val_loss"] = float(ckpt.get("best_val_loss", 1e9))  # nanoGPT saves a 0-d tensor
+    return ckpt
+
+
+def param_names(model, opt):
+    """For each of opt's parameter groups, its parameters' names in model."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in opt.param_groups]
+
+
+def named_state_dict(model, opt):
+    """opt.state_dict() with each group's parameter names under 'param_names' (torch's own key
+    for them), so that a resume maps state to parameters by name, never by position."""
+    state = opt.state_dict()
+    for group, names in zip(state["param_groups"], param_names(model, opt)):
+        group["param_names"] = names
+    return state
+
+
+def saved_param_names(saved, ckpt, model, opt):
+    """Per group, the names of the parameters of a saved optimizer state, in its order."""
+    if all("param_names" in g for g in saved["param_groups"]):
+        return [g["param_names"] for g in saved["param_groups"]]
+    if set(ckpt["model_args"]) <= NANOGPT_MODEL_ARGS:
+        # nanoGPT's configure_optimizers: the >= 2-D parameters, then the others, each in
+        # named_parameters order, which is its state_dict's without the tied lm_head.weight
+        weights = {n: t for n, t in ckpt["model"].items() if n != "lm_head.weight"}
+        return [[n for n, t in weights.items() if t.dim() >= 2], [n for n, t in weights.items() if t.dim() < 2]]
+    return param_names(model, opt)  # this project before names were saved: this code's order
+
+
+def rekey_optimizer_state(saved, names, opt, model, path):
+    """saved (a state_dict over the parameters `names`) for opt, by parameter name, every state
+    tensor checked against its parameter's shape: a mismatch is an error, not a crash in a kernel."""
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    flat = [n for group in names for n in group]
+    ours = [n for group in param_names(model, opt) for n in group]
+    if len(ids) != len(flat) or sorted(flat) != sorted(ours):
+        unknown, missing = sorted(set(flat) - set(ours)), sorted(set(ours) - set(flat))
+        raise CheckpointError(f"{path}: the optimizer state is for other parameters than this model's "
+                              f"(unknown {unknown[:3]}, missing {missing[:3]}); resume with the same model")
+    by_name = {n: saved["state"][i] for i, n in zip(ids, flat) if i in saved["state"]}
+    params = dict(model.named_parameters())
+    state = {}
+    for j, name in enumerate(ours):
+        if name not in by_name:
+            continue  # never stepped: the optimizer initialises it
+        entry = dict(by_name[name])
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != params[name].shape:
+                raise CheckpointError(f"{path}: optimizer state {key!r} of {name} has shape "
+                                      f"{tuple(value.shape)}, the parameter {tuple(params[name].shape)}; "
+                                      f"the checkpoint does not fit this model")
+        if "step" in entry and not torch.is_tensor(entry["step"]):
+            entry["step"] = torch.tensor(float(entry["step"]))  # old torch saved a number
+        state[j] = entry
+    # the groups' settings (lr, betas, weight_decay, ...) are this run's: e.g. a lower lr to recover
+    return {"state": state, "param_groups": opt.state_dict()["param_groups"]}
+
+
+def load_optimizers(ckpt, path, model, optimizers):
+    saved = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]
+    if len(saved) != len(optimizers):
+        raise CheckpointError(f"{path}: optimizer state holds {len(saved)} optimizer(s), this run uses "
+                              f"{len(optimizers)}; keep optimizer={ckpt.get('config', {}).get('optimizer')!r}")
+    for opt, state in zip(optimizers, saved):
+        if not isinstance(state, dict) or not {"state", "param_groups"} <= set(state):
+            raise CheckpointError(f"{path}: the optimizer state is not a torch optimizer's state_dict")
+        names = saved_param_names(state, ckpt, model, opt)
+        opt.load_state_dict(rekey_optimizer_state(state, names, opt, model, path))
+
+
+def resume_training(ckpt, path, model, optimizers, scaler, loader, fsdp=False):
+    """Load a resume point's optimizer, GradScaler, RNG and data-sampler state into this run's
+    objects (model: the unwrapped model the optimizers were built on)."""
+    if fsdp:
+        load_sharded(model, optimizers, os.path.dirname(path))
+    else:
+        load_optimizers(ckpt, path, model, optimizers)
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rng = ckpt.get("rng") or []
+    if len(rng) == world_size:
+        restore_rng(rng[rank])
+    elif rank == 0:
+        print(f"note: {path} has RNG states for {len(rng)} rank(s), this run has {world_size}; "
+              f"dropout masks will differ from an uninterrupted run", file=sys.stderr)
+    if "sampler" in ckpt:
+        loader.load_state_dict(ckpt["sampler"])
+
+
+def write_on_rank0(state, path, device):
+    """Rank 0 writes; every rank learns whether it could, so all go on or all stop."""
+    ok = torch.ones((), device=device)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            save_checkpoint(state, path)
+        except CheckpointError as e:
+            if not dist.is_initialized():
+                raise  # one error line; under DDP the other ranks must hear of it first
+            print(f"error: {e}", file=sys.stderr)
+            ok.zero_()
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ok.item() == 0:
+        raise CheckpointError(f"saving {path} failed (see above); the previous checkpoint is kept")
+
+
+def save_training_state(path, model, optimizers, scaler, sampler, fsdp=False, **progress):
+    """The resume point: progress (model_args, iter_num, best_val_loss, config, meta, bad_steps)
+    with the weights, optimizer and GradScaler state, the data sampler's state and every rank's
+    RNG state. path is ckpt.pt; with fsdp, ckpt_dcp/ beside it. A collective: every rank calls it."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rng = [None] * world_size
+    if dist.is_initialized():
+        dist.all_gather_object(rng, capture_rng())
+    else:
+        rng = [capture_rng()]
+    state = dict(progress, scaler=scaler.state_dict(), rng=rng, sampler=sampler, world_size=world_size)
+    if fsdp:
+        return save_sharded(model, optimizers, state, os.path.dirname(path), dist.get_rank())
+    state["model"] = model.state_dict()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        state["optimizer"] = [named_state_dict(model, opt) for opt in optimizers]
+    write_on_rank0(state, path, next(model.parameters()).device)
+
+
+def save_weights(path, model, fsdp=False, **progress):
+    """best.pt: the weights and progress, no optimizer (sample.py and export read it). A
+    collective under FSDP (the weights are gathered): every rank calls it."""
+    state = dict(progress, model=full_state_dict(model, fsdp))
+    write_on_rank0(state, path, next(model.parameters()).device)
+
+
+# -----------------------------------------------------------------------------
 # FSDP2: sharded checkpoints through torch.distributed.checkpoint (DCP). Every rank writes
 # its shards to out_dir/ckpt_dcp/iter_N/ (plus state.pt with the plain-typed resume state
 # from rank 0); only then is ckpt_dcp/latest atomically pointed at it, so a kill mid-write
@@ -195,7 +528,6 @@ def save_sharded(model, optimizers, state, out_dir, rank):
 
 
 def remove_old_shards(root, keep):
-    import shutil
     for entry in os.listdir(root):
         if entry.startswith("iter_") and entry != keep:
             shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
@@ -243,8 +575,6 @@ def consolidate(out_dir, path=None):
 
 
 if __name__ == "__main__":
-    import sys
-
     from configurator import install_error_hook
     install_error_hook()
     if len(sys.argv) not in (3, 4) or sys.argv[1] != "consolidate":

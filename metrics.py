@@ -5,36 +5,71 @@ always; Weights & Biases and TensorBoard when asked (MetricsLogger).
 import json
 import math
 import os
+import sys
+
+from checkpoint import write_failure
+from configurator import UserError
 
 
 def append_metrics(path, record):
     # NaN/inf are not JSON: a skipped step's loss is written as null
     record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise UserError(f"could not append to {path}: {write_failure(e)}; the records before iter "
+                        f"{record.get('iter')} and the checkpoints are intact; free some space and continue "
+                        f"with --init_from=resume")
+
+
+def parse_metrics(path):
+    """[(line, record)] of a metrics.jsonl, oldest first, and whether lines were dropped. A
+    damaged line (not a JSON object, NUL bytes from a crash, torn by a kill or a full disk
+    mid-append) is dropped with one warning for the file, so that it never blocks a resume."""
+    good, damaged = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line) if line.endswith("\n") else None
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("iter", 0), int):
+                good.append((line, record))
+            elif line.strip():
+                damaged.append(number)
+    if damaged:
+        shown = ", ".join(map(str, damaged[:5])) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        print(f"warning: {path}: dropped {len(damaged)} damaged line{'s' * (len(damaged) > 1)} "
+              f"(line{'s' * (len(damaged) > 1)} {shown})", file=sys.stderr)
+    return good, bool(damaged)
 
 
 def read_metrics(out_dir):
     """The records of out_dir/metrics.jsonl, oldest first; [] before the first one."""
     path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [record for _, record in parse_metrics(path)[0]] if os.path.exists(path) else []
 
 
 def truncate_metrics(path, iter_num):
     """Drop records at or after iter_num, left by a run that died after its last checkpoint,
-    so the resumed run's file reads as one history."""
+    and damaged lines, so the resumed run's file reads as one history. The file is rewritten only
+    when something goes, atomically: a full disk leaves it as it was."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        # a line without its newline is torn (a kill or full disk mid-append): drop it
-        kept = [line for line in f if line.strip() and line.endswith("\n")
-                and json.loads(line).get("iter", 0) < iter_num]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    good, damaged = parse_metrics(path)
+    kept = [line for line, record in good if record.get("iter", 0) < iter_num]
+    if len(kept) == len(good) and not damaged:
+        return
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise UserError(f"could not rewrite {path} to resume: {write_failure(e)}; "
+                        f"it and the checkpoints are unchanged; free some space and run again")
 
 
 # where a record's keys go in wandb and TensorBoard: train/<key>, perf/<key>, else eval/<key>

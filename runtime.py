@@ -7,7 +7,9 @@ import ctypes
 import datetime
 import os
 import signal
+import socket
 import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -19,6 +21,16 @@ from configurator import ConfigError
 
 def resolve_device(device):
     if device != "auto":
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise ConfigError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        available = torch.cuda.is_available() if kind == "cuda" else torch.backends.mps.is_available()
+        if kind in ("cuda", "mps") and not available:
+            raise ConfigError(f"device={device!r} but this machine has no {kind.upper()} device that torch "
+                              f"can use; use --device=cpu or --device=auto")
+        if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -76,6 +88,50 @@ def init_distributed(backend, device, timeout_s=600):
         backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True, rank, local_rank, world_size, device
+
+
+def process_dead(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"  # a zombie has died
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+
+
+def report_dead_ranks(rank, where_saved):
+    """Under torchrun, a rank that dies makes the others' next collective fail inside the
+    transport (gloo: 'Connection reset by peer', a timeout). Such an error ends this rank with one
+    line naming the dead rank (found among this host's processes) and where_saved() (which
+    checkpoint is intact), instead of a traceback. A collective: every rank calls it once."""
+    peers = [None] * dist.get_world_size()
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        if not (issubclass(exc_type, dist.DistError) or issubclass(exc_type, RuntimeError) and "gloo" in str(exc)):
+            return previous(exc_type, exc, tb)
+        dead = []
+        for _ in range(20):  # the dead process may still be exiting when its sockets close
+            dead = [r for r, (host, pid) in enumerate(peers) if host == socket.gethostname() and process_dead(pid)]
+            if dead:
+                break
+            time.sleep(0.05)
+        alive = [r for r in range(len(peers)) if r not in dead]
+        if not dead or rank == alive[0]:  # one line from the first survivor, when it is known
+            who = (f"rank {', '.join(map(str, dead))} died" if dead else
+                   f"another rank stopped answering ({str(exc).strip().splitlines()[0][:160]})")
+            print(f"error: {who}; rank {rank} stops too; {where_saved()}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)  # skip finalization: gloo's threads may abort it (see train.py's end)
+    sys.excepthook = hook
 
 
 def derive_grad_accum(gradient_accumulation_steps, total_batch_size, batch_size, block_size, world_size):

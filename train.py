@@ -23,19 +23,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (CheckpointError, build_model, capture_rng, check_model_args, load_checkpoint,
-                        load_sharded, load_sharded_state, model_config, restore_rng, save_checkpoint,
-                        save_sharded, sharded_dir)
+from checkpoint import (build_model, check_model_args, claim_out_dir, last_saved, load_resume_point, model_config,
+                        resume_training, save_training_state, save_weights, start_over)
 from configurator import (ANY, ConfigError, UserError, at_least, check_settings, configure, in_range,
                           install_error_hook, one_of)
 from dataloader import BatchLoader, load_meta, open_dataset
 from evaluate import (TASKS, estimate_loss, eval_tokenizer, format_results, load_tasks, parse_tasks, score_tasks,
                       token_byte_lengths)
-from metrics import MetricsLogger, append_metrics
+from metrics import MetricsLogger
 from model import CHOICES, GPT, GPTConfig
 from optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
-from runtime import (StopSignal, autocast_context, derive_grad_accum, full_state_dict, init_distributed,
-                     keep_freed_memory, peak_flops, peak_gpu_memory_mb, resolve_device, resolve_dtype,
+from runtime import (StopSignal, autocast_context, derive_grad_accum, init_distributed, keep_freed_memory,
+                     peak_flops, peak_gpu_memory_mb, report_dead_ranks, resolve_device, resolve_dtype,
                      set_grad_sync, shard_model, try_compile)
 
 # -----------------------------------------------------------------------------
@@ -53,6 +52,7 @@ eval_only = False  # evaluate once and exit
 ckpt_interval = 0  # iterations between saves of ckpt.pt (the resume point); 0 = eval_interval
 always_save_checkpoint = True  # False: also keep best.pt, the weights with the best val loss
 init_from = "scratch"  # 'scratch', 'resume', 'auto' (resume if out_dir has ckpt.pt), 'gpt2*' or an HF dir
+overwrite = False  # True: a run that does not resume deletes out_dir's checkpoints and metrics first
 max_bad_steps = 5  # stop after this many non-finite losses/gradients in a row
 # wandb logging
 wandb_log = False  # log to Weights & Biases as well as out_dir/metrics.jsonl
@@ -120,7 +120,7 @@ RULES = dict(
                "Hugging Face model directory that exists"),
     eval_tasks=(lambda v: all(name.strip() in TASKS for name in v.split(",") if name.strip()),
                 f"comma-separated task names from {', '.join(TASKS)}, or ''"), eval_tasks_interval=NON_NEGATIVE, eval_tasks_max=NON_NEGATIVE, hellaswag_path=ANY,
-    tensorboard_log=ANY, max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
+    tensorboard_log=ANY, overwrite=ANY, max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
     dataset=(lambda v: v != "", "a directory name under data/"), data_dir=ANY,
     gradient_accumulation_steps=POSITIVE, total_batch_size=NON_NEGATIVE, batch_size=POSITIVE,
     block_size=POSITIVE, sampling=one_of("random", "epoch"),
@@ -179,8 +179,15 @@ if __name__ == "__main__":
     grad_accum = derive_grad_accum(gradient_accumulation_steps, total_batch_size, batch_size,
                                    block_size, world_size)
     tokens_per_iter = grad_accum * world_size * batch_size * block_size
+    if ddp:
+        report_dead_ranks(rank, lambda: last_saved(out_dir, fsdp))
+    # out_dir is this run's alone until it exits (a lock that dies with it); a run that does not
+    # resume stops here, before writing anything, if out_dir holds another run's checkpoints
+    auto = init_from == "auto"
+    init_from = claim_out_dir(out_dir, init_from, overwrite, fsdp)  # 'auto' resolved
     if master_process:
-        os.makedirs(out_dir, exist_ok=True)
+        if auto and init_from == "scratch":
+            print(f"init_from='auto': no checkpoint in {out_dir}, starting from scratch")
         print(f"device {device}, dtype {dtype}, world size {world_size}, {grad_accum} micro-steps "
               f"per rank, {tokens_per_iter:,} tokens per iteration")
     torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards them as they are)
@@ -188,11 +195,7 @@ if __name__ == "__main__":
     # -------------------------------------------------------------------------
     # model: from scratch, a checkpoint, or GPT-2 weights
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if init_from == "auto":
-        found = sharded_dir(out_dir) if fsdp else os.path.exists(ckpt_path)
-        init_from = "resume" if found else "scratch"
-        if master_process:
-            print(f"init_from='auto': {'resuming from ' + ckpt_path if init_from == 'resume' else 'no checkpoint, starting from scratch'}")
+    resume_path = os.path.join(out_dir, "ckpt_dcp") if fsdp else ckpt_path
     data_dir = data_dir or os.path.join("data", dataset)
     ckpt, iter_num, best_val_loss, bad_steps = None, 0, 1e9, 0
     if init_from == "scratch":
@@ -201,12 +204,14 @@ if __name__ == "__main__":
         model_args["vocab_size"] = vocab_size or meta_vocab or 50304
         model = GPT(model_config(model_args, "settings"))
     elif init_from == "resume":
-        ckpt = load_sharded_state(out_dir) if fsdp else load_checkpoint(ckpt_path)
-        check_model_args(ckpt["model_args"], {k: config[k] for k in explicit & set(MODEL_KEYS)}, ckpt_path)
+        ckpt = load_resume_point(out_dir, fsdp)
+        if master_process:
+            print(f"resuming from {resume_path} at iter {ckpt['iter_num']}")
+        check_model_args(ckpt["model_args"], {k: config[k] for k in explicit & set(MODEL_KEYS)}, resume_path)
         if fsdp:  # weights are loaded after sharding, below
-            model = GPT(model_config({**ckpt["model_args"], "dropout": dropout}, ckpt_path))
+            model = GPT(model_config({**ckpt["model_args"], "dropout": dropout}, resume_path))
         else:
-            model = build_model(ckpt, ckpt_path, dropout=dropout if "dropout" in explicit else None)
+            model = build_model(ckpt, resume_path, dropout=dropout if "dropout" in explicit else None)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         bad_steps = ckpt.get("bad_steps", 0)
     else:
@@ -243,34 +248,12 @@ if __name__ == "__main__":
                                             optimizer, muon_lr, muon_momentum)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     if ckpt is not None:
-        # this run's lr, betas and weight_decay win over the checkpoint's (e.g. a lower lr to recover)
-        hyper = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers]
-        if fsdp:
-            load_sharded(model, optimizers, out_dir)
-        else:
-            if "optimizer" not in ckpt:
-                raise CheckpointError(f"{ckpt_path} has no optimizer state (written by best.pt or "
-                                      f"consolidate), so it cannot resume; use it with sample.py")
-            saved = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]
-            if len(saved) != len(optimizers):
-                raise CheckpointError(f"{ckpt_path}: optimizer state holds {len(saved)} optimizer(s), this run "
-                                      f"uses {len(optimizers)}; keep optimizer={ckpt['config'].get('optimizer')!r}")
-            for opt, state in zip(optimizers, saved):
-                opt.load_state_dict(state)
-        for opt, groups in zip(optimizers, hyper):
-            for group, h in zip(opt.param_groups, groups):
-                group.update(h)
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt.get("rng") or []
-        if len(rng) == world_size:
-            restore_rng(rng[rank])
-        elif master_process:
-            print(f"note: checkpoint has RNG states for {len(rng)} rank(s), this run has {world_size}; "
-                  f"dropout masks will differ from an uninterrupted run", file=sys.stderr)
-        if "sampler" in ckpt:
-            loader.load_state_dict(ckpt["sampler"])
+        # optimizer state mapped to parameters by name and checked; this run's lr, betas and
+        # weight_decay win over the checkpoint's (e.g. a lower lr to recover)
+        resume_training(ckpt, resume_path, model, optimizers, scaler, loader, fsdp)
         ckpt = None  # free the memory
+    elif master_process:
+        start_over(out_dir)  # what claim_out_dir allowed to go: nothing left is mistaken for this run's
 
     # -------------------------------------------------------------------------
     # compile and wrap for DDP
@@ -286,7 +269,6 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # logging: metrics.jsonl in out_dir always, wandb and TensorBoard when asked; what evaluations need
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
     task_names = parse_tasks(eval_tasks, "eval_tasks")
     tok = eval_tokenizer(meta, data_dir, required=bool(task_names), quiet=not master_process)
     token_bytes = token_byte_lengths(tok, raw_model.config.vocab_size) if tok else None  # for val bpb
@@ -294,41 +276,11 @@ if __name__ == "__main__":
     logger = MetricsLogger(out_dir, iter_num, config, wandb_log, wandb_project, wandb_run_name,
                            tensorboard_log) if master_process else None
 
-    def save(path, with_optimizer=True):
-        """Gather every rank's RNG (a collective: all ranks call this), then rank 0 writes."""
-        rng = [None] * world_size
-        if ddp:
-            dist.all_gather_object(rng, capture_rng())
-        else:
-            rng = [capture_rng()]
-        state = dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
-                     config=config, meta=meta, bad_steps=bad_steps)
-        if with_optimizer:
-            state.update(scaler=scaler.state_dict(), rng=rng, sampler=loader.state_dict(iter_num),
-                         world_size=world_size)
-        if fsdp and with_optimizer:
-            return save_sharded(raw_model, optimizers, state, out_dir, rank)
-        state["model"] = full_state_dict(raw_model, fsdp)
-        ok = torch.ones((), device=device)
-        if master_process:
-            if with_optimizer:
-                state["optimizer"] = [opt.state_dict() for opt in optimizers]
-            try:
-                save_checkpoint(state, path)
-            except CheckpointError as e:
-                if not ddp:
-                    raise  # one error line; under DDP the other ranks must hear of it first
-                print(f"error: {e}", file=sys.stderr)
-                ok.zero_()
-        if ddp:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item() == 0:
-            raise CheckpointError(f"saving {path} failed (see above); the previous checkpoint is kept")
+    run_info = dict(model_args=model_args, config=config, meta=meta)  # in every checkpoint of this run
 
     # -------------------------------------------------------------------------
     # training loop
     stop = StopSignal(ddp)
-    resume_path = os.path.join(out_dir, "ckpt_dcp") if fsdp else ckpt_path
     start_iter = iter_num
     ckpt_every = ckpt_interval or eval_interval
 
@@ -357,13 +309,15 @@ if __name__ == "__main__":
             if eval_due and results["val_loss"] < best_val_loss:
                 best_val_loss = results["val_loss"]
                 if not always_save_checkpoint and iter_num > start_iter:
-                    save(os.path.join(out_dir, "best.pt"), with_optimizer=False)
+                    save_weights(os.path.join(out_dir, "best.pt"), raw_model, fsdp, **run_info, iter_num=iter_num,
+                                 best_val_loss=best_val_loss, bad_steps=bad_steps)
             t0 = time.perf_counter()
 
         # save the resume point
         # (not while updates are being skipped: the last good checkpoint stays the resume point)
         if checkpoint_due(iter_num) and bad_steps == 0:
-            save(ckpt_path)
+            save_training_state(ckpt_path, raw_model, optimizers, scaler, loader.state_dict(iter_num), fsdp,
+                                **run_info, iter_num=iter_num, best_val_loss=best_val_loss, bad_steps=bad_steps)
             if master_process:
                 print(f"saved {resume_path} at iter {iter_num}")
         if iter_num >= max_iters:
@@ -406,10 +360,10 @@ if __name__ == "__main__":
                 if master_process:
                     print(f"iter {it}: non-finite loss or gradient, update skipped "
                           f"({run}/{max_bad_steps} in a row)", file=sys.stderr)
-                    append_metrics(metrics_path, {"iter": it, "skipped_step": True, "bad_steps": run})
+                    logger.log({"iter": it, "skipped_step": True, "bad_steps": run})
                 if run >= max_bad_steps:
                     raise TrainingError(f"{run} non-finite steps in a row at iter {it}; lower "
-                                        f"learning_rate or check the data; {ckpt_path} holds the last good state")
+                                        f"learning_rate or check the data; {last_saved(out_dir, fsdp)}")
 
         # log
         if iter_num % log_interval == 0:
@@ -432,7 +386,8 @@ if __name__ == "__main__":
 
         # a signal on any rank: save at this step on every rank, exit 0
         if stopping:
-            save(ckpt_path)
+            save_training_state(ckpt_path, raw_model, optimizers, scaler, loader.state_dict(iter_num), fsdp,
+                                **run_info, iter_num=iter_num, best_val_loss=best_val_loss, bad_steps=bad_steps)
             if master_process:
                 print(f"saved {resume_path} at iter {iter_num}; resume with --init_from=resume")
             break

@@ -82,7 +82,7 @@ def test_only_rank0_writes(ddp_run):
     out, p = ddp_run
     steps, evals = unique_history(out)
     assert sorted(steps) == list(range(8)) and sorted(evals) == [0, 4, 8]
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "metrics.jsonl"]
     assert p.stdout.count("saved ") == 2  # iter 4 and 8, printed by rank 0 only
 
 

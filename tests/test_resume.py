@@ -447,5 +447,5 @@ def test_train_full_disk(tmp_path, sane_run, char_data):
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: could not write {path}"), p.stderr
     assert open(path, "rb").read() == before
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "metrics.jsonl"]
     assert load(out)["iter_num"] == 4

@@ -329,7 +329,7 @@ def test_eval_only(tmp_path, best_run, char_data):
     assert [r for r in after if r["iter"] >= 12] == [{k: pytest.approx(v, rel=1e-6) for k, v in reference.items()}]
     for name, data in before.items():
         assert open(os.path.join(out, name), "rb").read() == data, f"eval_only rewrote {name}"
-    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "best.pt", "ckpt.pt", "metrics.jsonl"]
 
 
 # a few training steps of a small model; prints the page faults of the last 10
