@@ -245,7 +245,7 @@ if __name__ == "__main__":
     # -------------------------------------------------------------------------
     # optimizer and GradScaler (only fp16 needs loss scaling)
     optimizers = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), device_type,
-                                            optimizer, muon_lr, muon_momentum)
+                                      optimizer, muon_lr, muon_momentum)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     if ckpt is not None:
         # optimizer state mapped to parameters by name and checked; this run's lr, betas and
