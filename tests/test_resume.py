@@ -100,7 +100,8 @@ def straight_run(tmp_path_factory, char_data):
     return out
 
 
-@pytest.mark.parametrize("k", [3, 6, 13], ids=["in-warmup", "at-eval", "mid-decay"])
+@pytest.mark.parametrize("k", [pytest.param(3, marks=pytest.mark.slow), pytest.param(6, marks=pytest.mark.slow), 13],
+                         ids=["in-warmup", "at-eval", "mid-decay"])
 def test_resume_is_bitwise(tmp_path, straight_run, char_data, k):
     out = str(tmp_path / "out")
     stop_and_resume(out, char_data, k, N, **BITWISE)
@@ -114,6 +115,7 @@ MODDED = dict(mlp="relu2", qk_norm=True, tie_embeddings=False, bias=False, logit
               lr_schedule="wsd")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [LLAMA, MODDED], ids=["llama-muon", "relu2-qknorm-untied-softcap"])
 def test_resume_is_bitwise_with_options(tmp_path, char_data, options):
     """Muon (two optimizers) and the non-GPT-2 architecture options resume exactly too."""
@@ -136,7 +138,8 @@ def test_resume_is_bitwise_with_options(tmp_path, char_data, options):
 # SIGTERM / SIGINT: finish the step, save, exit 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_and_resumes(tmp_path, char_data, signum):
     out = str(tmp_path / "out")
     settings = dict(max_iters=10000, lr_decay_iters=10000, ckpt_interval=10000, eval_interval=10000)
@@ -172,6 +175,7 @@ def temp_files(out):
     return sorted(f for f in os.listdir(out) if f.startswith(".ckpt.pt.tmp")) if os.path.isdir(out) else []
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere(tmp_path, char_data):
     """20 kill -9s: 4 at random moments of start-up, 16 at random moments of training, where
     ckpt.pt is rewritten every step (a 10 MB checkpoint, so many kills land mid-save). After
@@ -251,6 +255,7 @@ def copy_run(src, tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, sane_run, char_data):
     out = copy_run(sane_run, tmp_path)
     # learning_rate is not a model arg: overriding it on resume is allowed (and must take effect)
@@ -273,6 +278,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, sane_run, char_data):
     assert ckpt["bad_steps"] == ckpt["iter_num"] - first_bad < 3
 
 
+@pytest.mark.slow
 def test_non_finite_stop_keeps_last_good_checkpoint(tmp_path, sane_run, char_data):
     """With no save between the last good checkpoint and the stop, ckpt.pt is untouched."""
     out = copy_run(sane_run, tmp_path)
@@ -293,6 +299,7 @@ def test_non_finite_stop_keeps_last_good_checkpoint(tmp_path, sane_run, char_dat
     assert sorted(g["weight_decay"] for g in ckpt["optimizer"][0]["param_groups"]) == [0.0, 0.05]
 
 
+@pytest.mark.slow
 def test_skipped_steps_are_counted_at_log_steps(tmp_path, sane_run, char_data):
     """The host reads the non-finite flags only at log and checkpoint steps; what it reports
     there (each skipped iter, the run length, the stop) is what logging every step reports."""
@@ -422,6 +429,7 @@ except checkpoint.CheckpointError as e:
 """
 
 
+@pytest.mark.slow
 def test_save_checkpoint_full_disk(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     checkpoint.save_checkpoint({"model": {"w": torch.ones(10)}, "iter_num": 1}, path)
@@ -435,6 +443,7 @@ def test_save_checkpoint_full_disk(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"], "a temp file was left behind"
 
 
+@pytest.mark.slow
 def test_train_full_disk(tmp_path, sane_run, char_data):
     out = copy_run(sane_run, tmp_path)
     path = os.path.join(out, "ckpt.pt")
