@@ -11,7 +11,6 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 import bench  # noqa: E402
 from configurator import UserError  # noqa: E402
 from trainutil import corpus_text, write_char_dataset  # noqa: E402

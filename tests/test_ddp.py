@@ -6,28 +6,14 @@ stops every rank at the same step with a checkpoint.
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
 
-from trainutil import (REPO, char_data, child_env, kill_tree, last_logged_iter, read_metrics,  # noqa: F401
-                       run_torchrun, run_train, step_losses, eval_losses, torchrun_cmd, wait_for)
+from trainutil import (REPO, char_data, child_env, kill_tree, last_logged_iter,  # noqa: F401
+                       load_ckpt, run_torchrun, run_train, torchrun_cmd, unique_history, wait_for)
 
 pytestmark = pytest.mark.slow  # every test here runs torchrun
-
-
-def load(out):
-    return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
-
-
-def unique_history(out):
-    records = read_metrics(out)
-    steps = [r["iter"] for r in records if "loss" in r]
-    evals = [r["iter"] for r in records if "val_loss" in r]
-    assert len(steps) == len(set(steps)), f"step records written more than once: {steps}"
-    assert len(evals) == len(set(evals)), f"eval records written more than once: {evals}"
-    return step_losses(records), eval_losses(records)
 
 
 COMPARE = dict(gradient_accumulation_steps=4, max_iters=8, eval_interval=4, warmup_iters=2,
@@ -58,7 +44,7 @@ def test_ddp_matches_single_process(tmp_path, ddp_run, char_data):
     assert sorted(evals_2) == sorted(evals_1) == [0, 4, 8]
     for it in evals_1:
         assert evals_2[it] == pytest.approx(evals_1[it], rel=1e-5, abs=1e-5), it
-    a, b = load(single), load(ddp_out)
+    a, b = load_ckpt(single), load_ckpt(ddp_out)
     assert a["iter_num"] == b["iter_num"] == 8
     assert a["world_size"] == 1 and b["world_size"] == 2 and len(b["rng"]) == 2
     for k, v in a["model"].items():
@@ -70,9 +56,7 @@ def test_ddp_matches_single_process(tmp_path, ddp_run, char_data):
 
 def load_first(out):
     """Weights of the same tiny model at init (seed 1337), for the size of the training update."""
-    import sys
-    sys.path.insert(0, REPO)
-    ckpt = load(out)
+    ckpt = load_ckpt(out)
     torch.manual_seed(ckpt["config"]["seed"])
     from model import GPT, GPTConfig
     return GPT(GPTConfig(**ckpt["model_args"])).state_dict()
@@ -92,14 +76,14 @@ def test_ddp_resume_is_bitwise(tmp_path, char_data):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     run_torchrun(2, straight, char_data, max_iters=12, **settings)
     run_torchrun(2, resumed, char_data, max_iters=5, **settings)
-    assert load(resumed)["iter_num"] == 5 and len(load(resumed)["rng"]) == 2
+    assert load_ckpt(resumed)["iter_num"] == 5 and len(load_ckpt(resumed)["rng"]) == 2
     p = run_torchrun(2, resumed, char_data, max_iters=12, init_from="resume", **settings)
     assert "note:" not in p.stderr
     steps_a, evals_a = unique_history(straight)
     steps_b, evals_b = unique_history(resumed)
     assert sorted(steps_a) == list(range(12))
     assert steps_b == steps_a and evals_b == evals_a  # exact
-    a, b = load(straight), load(resumed)
+    a, b = load_ckpt(straight), load_ckpt(resumed)
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     for sa, sb in zip(a["optimizer"], b["optimizer"]):
@@ -163,7 +147,7 @@ def test_sigterm_to_one_rank(tmp_path, char_data):
     text = log_path.read_text()
     assert rc == 0, text[-3000:]
     assert text.count("SIGTERM: saving after this step") == 1
-    ckpt = load(out)
+    ckpt = load_ckpt(out)
     last = last_logged_iter(out)
     assert ckpt["iter_num"] == last + 1
     assert len(ckpt["rng"]) == 2
@@ -189,5 +173,5 @@ def test_sigterm_to_torchrun(tmp_path, char_data):
             kill_tree(proc)
     text = log_path.read_text()
     assert text.count("SIGTERM: saving after this step") == 2, text[-3000:]
-    assert load(out)["iter_num"] == last_logged_iter(out) + 1
+    assert load_ckpt(out)["iter_num"] == last_logged_iter(out) + 1
     assert 'train.py", line' not in text

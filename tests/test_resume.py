@@ -18,18 +18,13 @@ import pytest
 import torch
 
 from trainutil import (REPO, TRAIN, char_data, child_env, kill_tree, last_logged_iter,  # noqa: F401
-                       popen_train, read_metrics, run_train, step_losses, eval_losses, train_args,
+                       load_ckpt, popen_train, read_metrics, run_train, step_losses, eval_losses, train_args,
                        wait_for)
 
-sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
 import metrics  # noqa: E402
 import optim  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-
-
-def load(out, name="ckpt.pt"):
-    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=True)
 
 
 def assert_same(a, b, where="ckpt"):
@@ -65,7 +60,7 @@ def assert_resume_is_exact(straight, resumed, n):
     assert sorted(steps_a) == list(range(n))
     assert steps_b == steps_a  # exact ==, loss and lr, every iteration
     assert evals_b == evals_a
-    a, b = load(straight), load(resumed)
+    a, b = load_ckpt(straight), load_ckpt(resumed)
     assert a["iter_num"] == b["iter_num"] == n
     assert_same(a["model"], b["model"], "model")
     assert_same(a["optimizer"], b["optimizer"], "optimizer")
@@ -78,7 +73,7 @@ def assert_resume_is_exact(straight, resumed, n):
 
 def stop_and_resume(out, data, k, n, **settings):
     run_train(out, data, max_iters=k, **settings)
-    assert load(out)["iter_num"] == k
+    assert load_ckpt(out)["iter_num"] == k
     p = run_train(out, data, init_from="resume", max_iters=n, **settings)
     first = next(line for line in p.stdout.splitlines() if line.startswith("iter "))
     assert first.startswith(f"iter {k}:"), first
@@ -125,7 +120,7 @@ def test_resume_is_bitwise_with_options(tmp_path, char_data, options):
     run_train(straight, char_data, max_iters=12, **settings)
     stop_and_resume(resumed, char_data, 5, 12, **settings)
     assert_resume_is_exact(straight, resumed, 12)
-    ckpt = load(straight)
+    ckpt = load_ckpt(straight)
     for key, value in options.items():
         assert ckpt["model_args"].get(key, ckpt["config"][key]) == value
     losses = step_losses(read_metrics(straight))
@@ -154,7 +149,7 @@ def test_signal_saves_and_resumes(tmp_path, char_data, signum):
     text = (tmp_path / "log.txt").read_text()
     assert rc == 0, text[-3000:]
     assert "Traceback" not in text
-    ckpt = load(out)
+    ckpt = load_ckpt(out)
     last = last_logged_iter(out)
     assert ckpt["iter_num"] == last + 1, "at most the step in flight is finished, none lost"
     assert f"saved {os.path.join(out, 'ckpt.pt')} at iter {last + 1}" in text
@@ -164,7 +159,7 @@ def test_signal_saves_and_resumes(tmp_path, char_data, signum):
     assert first.startswith(f"iter {n}:"), first
     steps, _ = metrics_history(out)
     assert sorted(steps) == list(range(n + 3))
-    assert load(out)["iter_num"] == n + 3
+    assert load_ckpt(out)["iter_num"] == n + 3
 
 
 # -----------------------------------------------------------------------------
@@ -203,7 +198,7 @@ def test_sigkill_anywhere(tmp_path, char_data):
         text = log_path.read_text()
         if os.path.exists(os.path.join(out, "ckpt.pt")):
             resumed += "resuming from" in text
-            ckpt = load(out)  # must never be half-written
+            ckpt = load_ckpt(out)  # must never be half-written
             assert set(ckpt) >= {"model", "optimizer", "model_args", "iter_num", "rng"}
             assert ckpt["iter_num"] >= last_iter, "the checkpoint went back in time"
             last_iter = ckpt["iter_num"]
@@ -219,7 +214,7 @@ def test_sigkill_anywhere(tmp_path, char_data):
     # a final run to completion resumes and cleans up
     p = run_train(out, char_data, **dict(big, max_iters=last_iter + 3, ckpt_interval=1000))
     assert "resuming from" in p.stdout
-    assert load(out)["iter_num"] == last_iter + 3
+    assert load_ckpt(out)["iter_num"] == last_iter + 3
     assert temp_files(out) == [], "temp files of killed writers survive a completed save"
     steps, _ = metrics_history(out)
     assert sorted(steps) == list(range(last_iter + 3)), "metrics.jsonl reads as one run"
@@ -228,7 +223,6 @@ def test_sigkill_anywhere(tmp_path, char_data):
 def test_truncate_metrics_tolerates_a_torn_last_line(tmp_path):
     """kill -9 or a power cut mid-append can leave a partial last line in metrics.jsonl; the
     resume that truncates the file must not crash on it."""
-    sys.path.insert(0, REPO)
     path = str(tmp_path / "metrics.jsonl")
     with open(path, "w") as f:
         f.write('{"iter": 0, "loss": 4.0}\n{"iter": 1, "loss": 3.9}\n{"iter": 2, "lo')
@@ -245,7 +239,7 @@ def sane_run(tmp_path_factory, char_data):
     """4 sane iterations with ckpt.pt saved at every one: the last good state is iter 4."""
     out = str(tmp_path_factory.mktemp("sane") / "out")
     run_train(out, char_data, max_iters=4, ckpt_interval=1)
-    assert load(out)["iter_num"] == 4
+    assert load_ckpt(out)["iter_num"] == 4
     return out
 
 
@@ -272,7 +266,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, sane_run, char_data):
     first_bad = skipped[0]["iter"]
     assert [r["iter"] for r in skipped] == [first_bad, first_bad + 1, first_bad + 2]
     assert first_bad > 4, "the first step at the absurd rate computes a finite loss"
-    ckpt = load(out)  # the last save before the stop still loads, with finite weights
+    ckpt = load_ckpt(out)  # the last save before the stop still loads, with finite weights
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert first_bad <= ckpt["iter_num"] <= first_bad + 2
     assert ckpt["bad_steps"] == ckpt["iter_num"] - first_bad < 3
@@ -292,7 +286,7 @@ def test_non_finite_stop_keeps_last_good_checkpoint(tmp_path, sane_run, char_dat
     # (the optimizer's saved param_groups must not win over this run's settings)
     run_train(out, char_data, init_from="resume", max_iters=6, ckpt_interval=1, learning_rate=5e-4,
               min_lr=5e-4, weight_decay=0.05)
-    ckpt = load(out)
+    ckpt = load_ckpt(out)
     assert ckpt["iter_num"] == 6
     for group in ckpt["optimizer"][0]["param_groups"]:
         assert group["base_lr"] == 5e-4 and group["lr"] == pytest.approx(5e-4)
@@ -457,4 +451,4 @@ def test_train_full_disk(tmp_path, sane_run, char_data):
     assert len(lines) == 1 and lines[0].startswith(f"error: could not write {path}"), p.stderr
     assert open(path, "rb").read() == before
     assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "metrics.jsonl"]
-    assert load(out)["iter_num"] == 4
+    assert load_ckpt(out)["iter_num"] == 4

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from trainutil import (REPO, TRAIN, char_data, child_env, kill_tree, last_logged_iter,  # noqa: F401
-                       one_error_line, popen_train, read_metrics, run_train, step_losses, torchrun_cmd,
+                       load_ckpt, one_error_line, popen_train, read_metrics, run_train, step_losses, torchrun_cmd,
                        train_args, wait_for)
 
 import checkpoint
@@ -28,10 +28,6 @@ from model import GPT, GPTConfig
 from runtime import resolve_device
 
 SAMPLE = os.path.join(REPO, "sample.py")
-
-
-def load(out, name="ckpt.pt"):
-    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture
@@ -415,7 +411,7 @@ def test_second_run_on_a_busy_out_dir_stops_at_once(tmp_path, char_data):
             assert first.wait(timeout=60) == 0
         finally:
             kill_tree(first)
-    n = load(out)["iter_num"]
+    n = load_ckpt(out)["iter_num"]
     assert n == last_logged_iter(out) + 1
     steps = [r["iter"] for r in read_metrics(out) if "loss" in r]
     assert steps == list(range(n)), "the second run touched the first's metrics"
@@ -430,10 +426,10 @@ def test_killed_holder_does_not_block_the_next_run(tmp_path, char_data):
             wait_for(lambda: os.path.exists(os.path.join(out, "ckpt.pt")), timeout=120, proc=first)
         finally:
             kill_tree(first)
-    n = load(out)["iter_num"]
+    n = load_ckpt(out)["iter_num"]
     p = run_train(out, char_data, init_from="auto", max_iters=n + 2)
     assert f"resuming from {out}/ckpt.pt at iter {n}" in p.stdout
-    assert load(out)["iter_num"] == n + 2
+    assert load_ckpt(out)["iter_num"] == n + 2
 
 
 @pytest.mark.slow
@@ -451,7 +447,7 @@ def test_scratch_refuses_then_overwrite_starts_over(tmp_path, char_data):
     p = run_train(out, char_data, max_iters=3, overwrite=True)
     assert "removed ckpt.pt, best.pt, metrics.jsonl of an earlier run" in p.stdout
     assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "metrics.jsonl"]
-    assert load(out)["iter_num"] == 3
+    assert load_ckpt(out)["iter_num"] == 3
     assert sorted(step_losses(read_metrics(out))) == [0, 1, 2]
 
 
@@ -479,7 +475,7 @@ def test_nanogpt_checkpoint_resumes_and_trains(tmp_path, char_data):
     torch.save(dict(ckpt, optimizer=twin), os.path.join(named, "ckpt.pt"))
     for out in (nano, named):
         run_train(out, char_data, init_from="resume", max_iters=6, learning_rate=1e-3, warmup_iters=0)
-    a, b = load(nano), load(named)
+    a, b = load_ckpt(nano), load_ckpt(named)
     assert a["iter_num"] == b["iter_num"] == 6
     assert step_losses(read_metrics(nano)) == step_losses(read_metrics(named))
     assert sorted(step_losses(read_metrics(nano))) == [3, 4, 5]
@@ -602,7 +598,7 @@ def test_dead_rank_is_named_with_the_intact_checkpoint(tmp_path, char_data):
     text = (tmp_path / "log.txt").read_text()
     assert rc != 0
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
-    n = load(out)["iter_num"]
+    n = load_ckpt(out)["iter_num"]
     assert errors == [f"error: rank 1 died; rank 0 stops too; {out}/ckpt.pt (iter {n}) is intact; "
                       f"resume with --init_from=resume"], text[-3000:]
     assert 'train.py", line' not in text and "gloo" not in text, text[-3000:]

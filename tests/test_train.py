@@ -3,7 +3,6 @@ The core trainer: learning-rate schedule, settings, the training loop's numbers,
 and clear one-line errors for bad settings, checkpoints and data. train.py runs as a
 subprocess on a tiny model over a char-level tinyshakespeare (see trainutil.py).
 """
-import json
 import math
 import os
 import shutil
@@ -19,13 +18,12 @@ from trainutil import (REPO, TRAIN, char_data, eval_losses, one_error_line, read
 
 import sys  # noqa: E402
 
-sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
 import configurator  # noqa: E402
 import train  # noqa: E402  (SETTINGS only: the script is under `if __name__ == "__main__"`)
 from configurator import ConfigError  # noqa: E402
 from optim import get_lr  # noqa: E402
-from runtime import derive_grad_accum, keep_freed_memory  # noqa: E402
+from runtime import derive_grad_accum  # noqa: E402
 from dataloader import TokenFile, get_batch, load_meta, open_dataset  # noqa: E402
 from evaluate import estimate_loss  # noqa: E402
 

@@ -126,6 +126,21 @@ def run_torchrun(nproc, out_dir, data_dir, timeout=300, check=True, **overrides)
     return p
 
 
+def load_ckpt(out_dir, name="ckpt.pt"):
+    import torch
+    return torch.load(os.path.join(out_dir, name), map_location="cpu", weights_only=True)
+
+
+def unique_history(out_dir):
+    """Per-step losses and evals; each iter at most once (a resumed file reads as one run)."""
+    records = read_metrics(out_dir)
+    steps = [r["iter"] for r in records if "loss" in r]
+    evals = [r["iter"] for r in records if "val_loss" in r]
+    assert len(steps) == len(set(steps)), f"step records written more than once: {steps}"
+    assert len(evals) == len(set(evals)), f"eval records written more than once: {evals}"
+    return step_losses(records), eval_losses(records)
+
+
 def step_losses(records):
     """{iter: logged train loss} from the per-step log records."""
     return {r["iter"]: r["loss"] for r in records if "loss" in r}
