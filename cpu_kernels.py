@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
                  if torch.backends.mkldnn.is_available() else None)
+ONEDNN_MIN_ROWS = 32  # fewer rows (decoding) are matrix-vector products, where aten is faster
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -38,12 +39,13 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) whose fp32 CPU matmuls go through oneDNN instead
-    of aten's BLAS."""
+    """nn.Linear (same parameters and names) whose fp32 CPU matmuls of ONEDNN_MIN_ROWS rows or
+    more go through oneDNN instead of aten's BLAS."""
 
     def forward(self, x):
         # torch.compile lowers F.linear itself (its oneDNN lowering wants frozen weights)
         if (ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.numel() >= ONEDNN_MIN_ROWS * x.size(-1)
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return OneDNNLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -11,9 +11,12 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from cpu_kernels import Linear, attention
 
+WINDOWS = ("exact", "chunked", "sliding")  # generation past block_size, see generate_stream
+RECOMPUTE = ("none", "block", "attn", "mlp")  # activation checkpointing, see GPT.set_recompute
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
            "mlp": ("gelu", "gelu_exact", "relu2", "swiglu")}
 
@@ -95,21 +98,25 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, (B, n_kv_head, block_size, hs)
-    each, filled by a prefill and then one token per decode step."""
+    each, filled by a prefill and then one token per decode step. Past block_size (RoPE only,
+    one token at a time) it is a ring: a new token replaces the oldest, so the cache holds the
+    last block_size tokens, which one query attends to in any order."""
 
     def __init__(self, n_layer):
         self.k, self.v = [None] * n_layer, [None] * n_layer
-        self.pos = 0  # tokens already cached
+        self.pos = 0  # tokens already cached (the absolute position of the next one)
 
-    def update(self, layer, k, v, max_len):
+    def update(self, layer, k, v, size):
         if self.k[layer] is None:
             B, nkv, _, hs = k.shape
-            self.k[layer] = k.new_zeros(B, nkv, max_len, hs)
-            self.v[layer] = v.new_zeros(B, nkv, max_len, hs)
+            self.k[layer] = k.new_zeros(B, nkv, size, hs)
+            self.v[layer] = v.new_zeros(B, nkv, size, hs)
         T = k.size(2)
-        self.k[layer][:, :, self.pos:self.pos + T] = k
-        self.v[layer][:, :, self.pos:self.pos + T] = v
-        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
+        slot = self.pos % size if self.pos + T > size else self.pos
+        self.k[layer][:, :, slot:slot + T] = k
+        self.v[layer][:, :, slot:slot + T] = v
+        end = min(self.pos + T, size)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -120,7 +127,6 @@ class CausalSelfAttention(nn.Module):
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         self.c_attn = Linear(config.n_embd, qkv_dim, bias=config.bias)  # q, k, v fused
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout, self.block_size = config.dropout, config.block_size
         if config.qk_norm:
             self.q_norm, self.k_norm = make_norm(config, self.head_dim), make_norm(config, self.head_dim)
@@ -128,10 +134,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope=None, kv_cache=None):
         B, T, C = x.size()
         hs = self.head_dim
-        q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)
+        qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, hs).transpose(1, 2)
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh|nkv, T, hs)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -140,14 +144,17 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v, self.block_size)
         # A prefill (no past) is plain causal; one new token may see the whole cache; a chunk
-        # after a past needs the causal mask shifted by `past`.
-        mask, causal = None, past == 0
+        # after a past needs the causal mask shifted by `past`; a sequence longer than the
+        # block (RoPE) a band: each token sees the last block_size tokens.
+        mask = None
         if past and T > 1:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = attention(q, k, v, mask, causal and T > 1, self.dropout if self.training else 0.0,
-                      self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        elif T > self.block_size:
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().triu(1 - self.block_size)
+        y = attention(q, k, v, mask, past == 0 and T > 1 and mask is None,
+                      self.dropout if self.training else 0.0, self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return F.dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -162,7 +169,7 @@ class MLP(nn.Module):
             hidden = 4 * config.n_embd
             self.c_fc = Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x):
         h = self.c_fc(x)
@@ -175,7 +182,15 @@ class MLP(nn.Module):
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        return self.dropout(self.c_proj(h))
+        return F.dropout(self.c_proj(h), self.dropout, self.training)
+
+
+def recomputed(f, *args):
+    """f(*args) keeping none of its activations for backward, which recomputes them from args
+    (with the RNG state of the forward, so the same dropout masks): activation checkpointing."""
+    if not torch.is_grad_enabled():
+        return f(*args)
+    return checkpoint(f, *args, use_reentrant=False)
 
 
 class Block(nn.Module):
@@ -185,10 +200,18 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        self.recompute = "none"  # activation checkpointing, see GPT.set_recompute
 
     def forward(self, x, rope=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), rope, kv_cache)
-        return x + self.mlp(self.ln_2(x))
+        if self.recompute == "block":
+            return recomputed(self.sublayers, x, rope, kv_cache)
+        return self.sublayers(x, rope, kv_cache)
+
+    def sublayers(self, x, rope, kv_cache):
+        attn = lambda x: self.attn(self.ln_1(x), rope, kv_cache)  # noqa: E731
+        mlp = lambda x: self.mlp(self.ln_2(x))  # noqa: E731
+        x = x + (recomputed(attn, x) if self.recompute == "attn" else attn(x))
+        return x + (recomputed(mlp, x) if self.recompute == "mlp" else mlp(x))
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -196,17 +219,17 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     nucleus (top-p) sampling. Returns (B, 1)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keeps the token that crosses top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    logits, ids = logits.float() / temperature, None
+    V = logits.size(-1)
+    if (top_k and top_k < V) or (top_p is not None and top_p < 1.0):
+        logits, ids = torch.topk(logits, min(top_k or V, V))  # the candidates, most likely first
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    if top_p is not None and top_p < 1.0:  # keeps the token that crosses top_p
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    # exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) is i with probability p_i / sum(p)
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-30)
+    choice = probs.div_(race).argmax(dim=-1, keepdim=True)
+    return choice if ids is None else ids.gather(-1, choice)
 
 
 class GPT(nn.Module):
@@ -253,19 +276,22 @@ class GPT(nn.Module):
                 n -= self.transformer.wte.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_cache=None, all_logits=False):
+    def forward(self, idx, targets=None, kv_cache=None, all_logits=False, sliding=False):
         """Logits for the last position (inference), or for every position with targets or
-        all_logits. With kv_cache, idx continues the cached tokens."""
+        all_logits. With kv_cache, idx continues the cached tokens. sliding=True lets a RoPE
+        model pass block_size: each token attends to the last block_size tokens (itself
+        included) in every layer, over a longer idx or, one token at a time, a longer cache."""
         B, T = idx.size()
-        past = kv_cache.pos if kv_cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        pos = kv_cache.pos if kv_cache is not None else 0
+        sliding = sliding and "wpe" not in self.transformer and (kv_cache is None or T == 1)
+        if pos + T > self.config.block_size and not sliding:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
         else:
-            rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])
+            rope = self.rope_at(pos, T)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache)
@@ -273,7 +299,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         if targets is None and not all_logits:
-            x = x[:, [-1], :]
+            x = x[:, -1:, :]
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if self.config.logit_softcap:
             cap = self.config.logit_softcap
@@ -282,6 +308,28 @@ class GPT(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def set_recompute(self, what):
+        """Activation checkpointing: 'block' keeps only each block's input for backward and
+        recomputes the rest there; 'attn' or 'mlp' does that for one half of each block. The
+        last block keeps its activations: backward needs them first, so recomputing them
+        would cost time and save no peak memory."""
+        if what not in RECOMPUTE:
+            raise ValueError(f"recompute={what!r} is not one of {RECOMPUTE}")
+        for block in self.transformer.h[:-1]:
+            block.recompute = what
+
+    def rope_at(self, pos, T):
+        """cos and sin for positions pos..pos+T-1, the tables extended past block_size on demand."""
+        n = self.rope_cos.size(0)
+        if pos + T > n:
+            with torch.inference_mode(False):  # the tables may be used in training later
+                cos, sin = rope_tables(self.config.n_embd // self.config.n_head, 2 * (pos + T),
+                                       self.config.rope_theta)
+                # the positions already there keep their values, so outputs never shift
+                self.rope_cos = torch.cat([self.rope_cos, cos[n:].to(self.rope_cos)])
+                self.rope_sin = torch.cat([self.rope_sin, sin[n:].to(self.rope_sin)])
+        return self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
 
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. to fine-tune GPT-2 with a smaller block_size)."""
@@ -308,37 +356,42 @@ class GPT(nn.Module):
             return None
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         generator=None, use_cache=True, window="exact", vocab_limit=None):
         """Yield the next token for every row, (B, 1), max_new_tokens times. idx (B, T) must
         hold at most block_size tokens. With the cache, the prompt is prefilled once and each
-        step feeds one token. Once the sequence outgrows block_size, window='exact' recomputes
-        the last block_size tokens every step (exactly what full recomputation gives: learned
-        positions shift, so every cached key changes); window='chunked' keeps the last half
-        block, re-prefills it, and decodes from the cache again (faster, a shorter context).
+        step feeds one token. Past block_size, window='exact' gives what a forward over the
+        last block_size tokens gives (the cache recomputes that window every step: learned
+        positions shift, so every cached key changes); 'chunked' keeps the last half block,
+        re-prefills it and decodes from the cache again (faster, a shorter context);
+        'sliding' (RoPE) keeps decoding from the cache, each token attending to the last
+        block_size tokens in every layer, as forward() does for a longer sequence.
         vocab_limit: sample only ids below it (a padded vocabulary has ids no tokenizer knows)."""
-        if window not in ("exact", "chunked"):
-            raise ValueError(f"window={window!r} is not 'exact' or 'chunked'")
-        bs = self.config.block_size
-        if idx.size(1) > bs:
-            raise ValueError(f"prompt of {idx.size(1)} tokens exceeds block_size {bs}")
-        seq, cache, start = idx, None, 0
-        for _ in range(max_new_tokens):
-            L = seq.size(1)
+        if window not in WINDOWS:
+            raise ValueError(f"window={window!r} is not one of {WINDOWS}")
+        sliding = window == "sliding"
+        if sliding and "wpe" in self.transformer:
+            raise ValueError("window='sliding' needs pos_emb='rope' (learned positions end at block_size)")
+        bs, (B, T) = self.config.block_size, idx.shape
+        if T > bs:
+            raise ValueError(f"prompt of {T} tokens exceeds block_size {bs}")
+        seq = idx.new_empty(B, T + max_new_tokens)  # the whole output, filled in place
+        seq[:, :T] = idx
+        cache = None
+        for L in range(T, T + max_new_tokens):  # L tokens so far
             if not use_cache:
-                logits, _ = self(seq[:, -bs:])
-            elif cache is not None and start + cache.pos == L - 1 and cache.pos < bs:
-                logits, _ = self(seq[:, -1:], kv_cache=cache)
+                logits, _ = self(seq[:, 0 if sliding else max(0, L - bs):L], sliding=sliding)
+            elif cache is not None and (cache.pos < bs or sliding):
+                logits, _ = self(seq[:, L - 1:L], kv_cache=cache, sliding=sliding)
             else:
-                keep = bs if (window == "exact" or L <= bs) else max(1, bs // 2)
-                cache, start = KVCache(self.config.n_layer), max(0, L - keep)
-                logits, _ = self(seq[:, start:], kv_cache=cache)
+                keep = bs if (window != "chunked" or L <= bs) else max(1, bs // 2)
+                cache = KVCache(self.config.n_layer)
+                logits, _ = self(seq[:, max(0, L - keep):L], kv_cache=cache)
             next_token = sample_next(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
-            seq = torch.cat([seq, next_token], dim=1)
+            seq[:, L:L + 1] = next_token
             yield next_token
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  generator=None, use_cache=True, window="exact", vocab_limit=None):
         """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + max_new_tokens)."""

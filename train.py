@@ -29,7 +29,7 @@ from configurator import ConfigError, UserError, configure, install_error_hook
 from dataloader import BatchLoader, load_meta, open_dataset
 from evaluate import estimate_loss
 from metrics import append_metrics, truncate_metrics
-from model import GPT
+from model import GPT, RECOMPUTE
 from optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
 from runtime import (StopSignal, autocast_context, derive_grad_accum, full_state_dict, init_distributed, keep_freed_memory,
                      peak_flops, resolve_device, resolve_dtype, set_grad_sync, shard_model, try_compile)
@@ -98,6 +98,7 @@ fsdp = False  # shard weights, gradients and optimizer state with FSDP2 instead 
 device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA if supported, else fp16; fp32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = "auto"  # torch.compile the model; 'auto' = on CUDA only
+activation_checkpointing = "none"  # recompute activations in backward to save memory: 'none', 'block', 'attn' or 'mlp'
 seed = 1337  # seeds the data order and every RNG
 # -----------------------------------------------------------------------------
 SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
@@ -174,6 +175,9 @@ if __name__ == "__main__":
     if block_size != model.config.block_size:
         raise ConfigError(f"block_size={block_size} but the model has block_size {model.config.block_size}")
     model_args = asdict(model.config)
+    if activation_checkpointing not in RECOMPUTE:
+        raise ConfigError(f"activation_checkpointing={activation_checkpointing!r} is not one of {RECOMPUTE}")
+    model.set_recompute(activation_checkpointing)
     model.to(device)
     if master_process:
         print(f"{model.get_num_params() / 1e6:.2f}M parameters")
