@@ -26,9 +26,10 @@ their best val loss and to a target, A B A B ...:
     python bench.py --quality --target=1.886 --compare config/train_shakespeare_char.py \
         config/speedrun_shakespeare_char_cpu.py --device=cpu
 
-Sampling speed with and without the KV cache (model size as --n_layer=... etc.):
+Sampling speed with and without the KV cache (model size as --n_layer=... etc.), and
+against nanoGPT's generate on the same weights (DIR is a karpathy/nanoGPT checkout):
 
-    python bench.py --sample [--num_samples=1] [--repeats=3] [--tokens=500]
+    python bench.py --sample [--num_samples=1] [--repeats=3] [--tokens=500] [--nanogpt=DIR]
 
 Every mode prints a table; --json PATH also writes the numbers.
 """
@@ -56,7 +57,9 @@ LOG_LINE = re.compile(r"^iter (\d+): loss [^,\s]+,.*?\btime ([\d.]+) ?ms", re.M)
 TOKENS_LINE = re.compile(r"(?:([\d,]+) tokens per iteration\b|tokens per iteration will be: ([\d,]+))")
 EVAL_LINE = re.compile(r"^step (\d+): train loss [^,]+, val loss ([\d.]+|nan|inf)")
 ENV_WORD = re.compile(r"^[A-Z_][A-Z0-9_]*=")
-SAMPLE_MODEL = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.0)
+# the shakespeare_char GPU recipe's model, nanoGPT's architecture (exact GELU)
+SAMPLE_MODEL = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.0,
+                    mlp="gelu_exact")
 
 
 # -----------------------------------------------------------------------------
@@ -364,21 +367,37 @@ def bench_quality(settings, common, args):
 
 
 # -----------------------------------------------------------------------------
-# sampling: KV cache against full recomputation
+# sampling: KV cache against full recomputation, and against nanoGPT's generate
 
-def sample_cases(block_size, tokens):
-    """(name, new tokens, use_cache, window): the context filled from a 1-token prompt with
-    and without the cache, then a run past block_size in both window modes and uncached."""
+def sample_cases(block_size, tokens, nanogpt):
+    """(name, model, new tokens, use_cache, window), from a 1-token prompt: the context filled
+    with and without the cache; a run past block_size in every window mode and uncached, with
+    learned positions and with RoPE; nanoGPT's generate on the same weights."""
     short = block_size - 1
-    return [(f"{short} new, KV cache", short, True, "exact"),
-            (f"{short} new, no cache", short, False, "exact"),
-            (f"{tokens} new, cache exact", tokens, True, "exact"),
-            (f"{tokens} new, cache chunked", tokens, True, "chunked"),
-            (f"{tokens} new, no cache", tokens, False, "exact")]
+    cases = [(f"{short} new, KV cache", "gpt", short, True, "exact"),
+             (f"{short} new, no cache", "gpt", short, False, "exact"),
+             (f"{tokens} new, cache exact", "gpt", tokens, True, "exact"),
+             (f"{tokens} new, cache chunked", "gpt", tokens, True, "chunked"),
+             (f"{tokens} new, no cache", "gpt", tokens, False, "exact"),
+             (f"{tokens} new, RoPE, cache sliding", "rope", tokens, True, "sliding"),
+             (f"{tokens} new, RoPE, no cache", "rope", tokens, False, "sliding")]
+    if nanogpt:
+        cases += [(f"{short} new, nanoGPT", "nanogpt", short, False, None),
+                  (f"{tokens} new, nanoGPT", "nanogpt", tokens, False, None)]
+    return cases
 
 
-def sample_model(overrides, seed):
-    """A randomly initialised GPT in eval mode (no dropout)."""
+# (faster, slower) case indices whose tokens/s ratio is reported; those with nanoGPT need --nanogpt
+SPEEDUPS = {"cache_vs_none_short": (0, 1), "exact_vs_none_long": (2, 4),
+            "chunked_vs_none_long": (3, 4), "rope_sliding_vs_none_long": (5, 6),
+            "cache_vs_nanogpt_short": (0, 7), "rope_sliding_vs_nanogpt_long": (5, 8),
+            "chunked_vs_nanogpt_long": (3, 8)}
+TOKEN_CHECKS = ((0, 1), (2, 4), (5, 6))  # (cached, uncached): the same tokens
+
+
+def sample_models(overrides, seed, nanogpt):
+    """Randomly initialised GPTs in eval mode: the one asked for, its RoPE twin, and with
+    `nanogpt` (a nanoGPT checkout) nanoGPT's GPT holding the same weights."""
     import torch
     from model import GPT, GPTConfig
     config = dict(SAMPLE_MODEL)
@@ -386,17 +405,49 @@ def sample_model(overrides, seed):
         if key not in GPTConfig.field_names():
             raise UserError(f"--{key} is not a GPTConfig field ({', '.join(GPTConfig.field_names())})")
         config[key] = value
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**config)).eval()
+    models = {}
+    for name, pos_emb in (("gpt", config.get("pos_emb", "learned")), ("rope", "rope")):
+        torch.manual_seed(seed)
+        models[name] = GPT(GPTConfig(**{**config, "pos_emb": pos_emb})).eval()
+    if nanogpt:
+        models["nanogpt"] = nanogpt_model(nanogpt, models["gpt"])
+    return models
 
 
-def time_generate(model, prompt, n, use_cache, window):
-    """(seconds, tokens) of one greedy generation; greedy so cached and uncached must agree."""
+def nanogpt_model(checkout, ours):
+    """nanoGPT's GPT (checkout/model.py) with the weights of `ours`, which must be its architecture."""
+    import importlib.util
+    path = os.path.join(checkout, "model.py")
+    if not os.path.isfile(path):
+        raise UserError(f"--nanogpt={checkout}: no model.py there; give a karpathy/nanoGPT checkout")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = ours.config
+    same = (c.pos_emb, c.norm, c.mlp, c.n_kv_head in (0, c.n_head), c.qk_norm, c.tie_embeddings,
+            c.logit_softcap) == ("learned", "layernorm", "gelu_exact", True, False, True, 0.0)
+    if not same:
+        raise UserError("--nanogpt compares on the same weights: keep the model nanoGPT's "
+                        "(learned positions, LayerNorm, mlp='gelu_exact', no other options)")
+    model = module.GPT(module.GPTConfig(block_size=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                                        n_head=c.n_head, n_embd=c.n_embd, dropout=0.0, bias=c.bias))
+    model.load_state_dict(ours.state_dict())
+    return model.eval()
+
+
+def time_generate(model, prompt, case, args, seed):
+    """(seconds, tokens) of one generation, sampled with a generator seeded by `seed`."""
     import torch
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        out = model.generate(prompt, n, temperature=0, use_cache=use_cache, window=window)
-        return time.perf_counter() - t0, out
+    _, kind, n, use_cache, window = case
+    t0 = time.perf_counter()
+    if kind == "nanogpt":  # its generate draws from the global RNG
+        torch.manual_seed(seed)
+        out = model.generate(prompt, n, temperature=args.temperature, top_k=args.top_k or None)
+    else:
+        out = model.generate(prompt, n, temperature=args.temperature, top_k=args.top_k or None,
+                             generator=torch.Generator().manual_seed(seed), use_cache=use_cache,
+                             window=window)
+    return time.perf_counter() - t0, out
 
 
 def first_difference(a, b):
@@ -404,22 +455,20 @@ def first_difference(a, b):
     return None if len(diff) == 0 else int(diff[0, 1])
 
 
-def check_greedy(model, prompt, cases, outputs):
-    """Cached greedy tokens must equal uncached ones (exact window: same context every step).
-    fp32 can flip a near-tied argmax, so a difference is re-checked in float64, where only
-    a real bug can make them differ."""
+def check_tokens(models, prompt, cases, outputs, args):
+    """Cached tokens must equal uncached ones (same seed, same context every step). fp32 can
+    flip a near-tied pick, so a difference is re-checked in float64, where only a real bug
+    can make them differ."""
     import copy
-    import torch
     checks = []
-    for cached, uncached in ((0, 1), (2, 4)):
+    for cached, uncached in TOKEN_CHECKS:
         where = first_difference(outputs[cached], outputs[uncached])
         check = {"cached": cases[cached][0], "uncached": cases[uncached][0],
                  "fp32_first_difference": where, "fp64_first_difference": None}
         if where is not None:
-            double = copy.deepcopy(model).double()
-            n = cases[cached][1]
-            _, a = time_generate(double, prompt, n, True, "exact")
-            _, b = time_generate(double, prompt, n, False, "exact")
+            double = copy.deepcopy(models[cases[cached][1]]).double()
+            a = time_generate(double, prompt, cases[cached], args, args.seed)[1]
+            b = time_generate(double, prompt, cases[uncached], args, args.seed)[1]
             check["fp64_first_difference"] = first_difference(a, b)
         check["ok"] = check["fp64_first_difference"] is None
         checks.append(check)
@@ -428,48 +477,47 @@ def check_greedy(model, prompt, cases, outputs):
 
 def bench_sample(overrides, args):
     import torch
-    model = sample_model(overrides, args.seed)
-    cases = sample_cases(model.config.block_size, args.tokens)
+    if args.nanogpt and not args.temperature:
+        raise UserError("--nanogpt needs --temperature > 0 (nanoGPT's generate divides by it)")
+    models = sample_models(overrides, args.seed, args.nanogpt)
+    cases = sample_cases(models["gpt"].config.block_size, args.tokens, args.nanogpt)
     prompt = torch.zeros((args.num_samples, 1), dtype=torch.long)
-    for _, _, use_cache, window in cases:  # warm-up: first calls allocate and pick kernels
-        time_generate(model, prompt, 4, use_cache, window)
+    for case in cases:  # warm-up: first calls allocate and pick kernels
+        time_generate(models[case[1]], prompt, (*case[:2], 4, *case[3:]), args, args.seed)
     times, outputs = {c[0]: [] for c in cases}, []
     for rep in range(args.repeats):  # interleaved: every case sees the same machine noise
-        for name, n, use_cache, window in cases:
-            seconds, out = time_generate(model, prompt, n, use_cache, window)
-            times[name].append(args.num_samples * n / seconds)
+        for case in cases:
+            seconds, out = time_generate(models[case[1]], prompt, case, args, args.seed)
+            times[case[0]].append(args.num_samples * case[2] / seconds)
             if rep == 0:
                 outputs.append(out)
         print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(
-            f"{name} {times[name][-1]:,.1f}" for name, *_ in cases) + " tokens/s", flush=True)
-    checks = check_greedy(model, prompt, cases, outputs)
-    print_sample(model, cases, times, checks, args)
-    return {"mode": "sample", "config": vars(model.config), "num_samples": args.num_samples,
-            "threads": torch.get_num_threads(), "tokens_per_s": times,
-            "median_tokens_per_s": {k: statistics.median(v) for k, v in times.items()},
-            "speedups": sample_speedups(cases, times), "greedy_checks": checks}
-
-
-SPEEDUPS = {"cache_vs_none_short": (0, 1), "exact_vs_none_long": (2, 4),
-            "chunked_vs_none_long": (3, 4), "chunked_vs_exact_long": (3, 2)}
+            f"{c[0]} {times[c[0]][-1]:,.1f}" for c in cases) + " tokens/s", flush=True)
+    checks = check_tokens(models, prompt, cases, outputs, args)
+    print_sample(models["gpt"], cases, times, checks, args)
+    return {"mode": "sample", "config": vars(models["gpt"].config), "num_samples": args.num_samples,
+            "temperature": args.temperature, "top_k": args.top_k, "threads": torch.get_num_threads(),
+            "tokens_per_s": times, "median_tokens_per_s": {k: statistics.median(v) for k, v in times.items()},
+            "speedups": sample_speedups(cases, times), "token_checks": checks}
 
 
 def sample_speedups(cases, times):
     """Per-repeat ratios of tokens/s (same repeat, so the same machine noise)."""
     return {key: [a / b for a, b in zip(times[cases[i][0]], times[cases[j][0]])]
-            for key, (i, j) in SPEEDUPS.items()}
+            for key, (i, j) in SPEEDUPS.items() if j < len(cases)}
 
 
 def print_sample(model, cases, times, checks, args):
     import torch
     c = model.config
+    how = "greedy" if not args.temperature else f"temperature {args.temperature}, top_k {args.top_k}"
     print(f"sample: GPT {c.n_layer}x{c.n_embd} ({c.n_head} heads), block {c.block_size}, vocab "
-          f"{c.vocab_size}, batch {args.num_samples}, fp32, {torch.get_num_threads()} threads, "
+          f"{c.vocab_size}, batch {args.num_samples}, fp32, {how}, {torch.get_num_threads()} threads, "
           f"{args.repeats} interleaved repeats; medians (min-max)")
-    print(f"{'case':<28}{'tokens/s':>26}{'ms/token':>10}")
+    print(f"{'case':<32}{'tokens/s':>26}{'ms/token':>10}")
     for name, *_ in cases:
         mid = statistics.median(times[name])
-        print(f"{name:<28}{fmt_spread(times[name], ',.1f'):>26}{1000 * args.num_samples / mid:>10.2f}")
+        print(f"{name:<32}{fmt_spread(times[name], ',.1f'):>26}{1000 * args.num_samples / mid:>10.2f}")
     for key, ratios in sample_speedups(cases, times).items():
         i, j = SPEEDUPS[key]
         print(f"speedup ({cases[i][0]}) / ({cases[j][0]}): {fmt_spread(ratios, '.2f')}x")
@@ -478,7 +526,7 @@ def print_sample(model, cases, times, checks, args):
             f"differ from token {check['fp32_first_difference']} in fp32; float64: "
             + ("equal (fp32 rounding on near-tied logits)" if check["ok"] else
                f"DIFFER from token {check['fp64_first_difference']} (a bug)"))
-        print(f"greedy check, {check['cached']} vs {check['uncached']}: {verdict}")
+        print(f"token check, {check['cached']} vs {check['uncached']}: {verdict}")
 
 
 # -----------------------------------------------------------------------------
@@ -506,7 +554,11 @@ def parse_args(argv):
     p.add_argument("--num_samples", type=int, default=1, help="--sample: batch size")
     p.add_argument("--repeats", type=int, default=3, help="--sample: interleaved repeats")
     p.add_argument("--tokens", type=int, default=500, help="--sample: length of the long runs")
-    p.add_argument("--seed", type=int, default=1337, help="--sample: weights")
+    p.add_argument("--seed", type=int, default=1337, help="--sample: weights and sampling")
+    p.add_argument("--temperature", type=float, default=0.8, help="--sample: 0 = greedy")
+    p.add_argument("--top_k", type=int, default=200, help="--sample: 0 = no limit")
+    p.add_argument("--nanogpt", metavar="DIR", help="--sample: also time nanoGPT's generate (DIR/model.py) "
+                   "on the same weights")
     p.add_argument("--json", help="also write the numbers to this file")
     p.add_argument("--verbose", action="store_true", help="show the training runs' output")
     args, rest = p.parse_known_args(argv)

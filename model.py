@@ -11,7 +11,12 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
+from cpu_kernels import Linear, attention
+
+WINDOWS = ("exact", "chunked", "sliding")  # generation past block_size, see generate_stream
+RECOMPUTE = ("none", "block", "attn", "mlp")  # activation checkpointing, see GPT.set_recompute
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
            "mlp": ("gelu", "gelu_exact", "relu2", "swiglu")}
 
@@ -29,8 +34,8 @@ class GPTConfig:
     pos_emb: str = "learned"  # 'learned' (GPT-2) or 'rope'
     rope_theta: float = 10000.0
     norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm'
-    # 'gelu' (GPT-2's tanh approximation), 'gelu_exact' (erf, as nanoGPT's nn.GELU; 5x faster
-    # than tanh in torch 2.13 on CPU), 'relu2' or 'swiglu'
+    # 'gelu' (GPT-2's tanh approximation), 'gelu_exact' (erf, as nanoGPT's nn.GELU), 'relu2'
+    # or 'swiglu'
     mlp: str = "gelu"
     multiple_of: int = 64  # SwiGLU hidden size is rounded up to this
     mlp_hidden: int = 0  # MLP hidden size; 0 = 4 * n_embd (swiglu: 8/3 * n_embd up to a multiple_of)
@@ -104,175 +109,25 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, (B, n_kv_head, block_size, hs)
-    each, filled by a prefill and then one token per decode step."""
+    each, filled by a prefill and then one token per decode step. Past block_size (RoPE only,
+    one token at a time) it is a ring: a new token replaces the oldest, so the cache holds the
+    last block_size tokens, which one query attends to in any order."""
 
     def __init__(self, n_layer):
         self.k, self.v = [None] * n_layer, [None] * n_layer
-        self.pos = 0  # tokens already cached
+        self.pos = 0  # tokens already cached (the absolute position of the next one)
 
-    def update(self, layer, k, v, max_len):
+    def update(self, layer, k, v, size):
         if self.k[layer] is None:
             B, nkv, _, hs = k.shape
-            self.k[layer] = k.new_zeros(B, nkv, max_len, hs)
-            self.v[layer] = v.new_zeros(B, nkv, max_len, hs)
+            self.k[layer] = k.new_zeros(B, nkv, size, hs)
+            self.v[layer] = v.new_zeros(B, nkv, size, hs)
         T = k.size(2)
-        self.k[layer][:, :, self.pos:self.pos + T] = k
-        self.v[layer][:, :, self.pos:self.pos + T] = v
-        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
-
-
-# fp32 CPU matmuls through oneDNN rather than aten's MKL sgemm, which ran at half the speed
-# on the AMD EPYC this was measured on: 190 vs 360 GFLOP/s for (768, 128) x (128, 512).
-# Both compute in IEEE fp32 (no reduced-precision math); same weights, same state_dict.
-ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-                 if torch.backends.mkldnn.is_available() else None)
-
-
-class OneDNNLinear(torch.autograd.Function):
-    """y = x @ W.T + b and its two backward matmuls, each one oneDNN call on strided views."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        y = ONEDNN_LINEAR(x.reshape(-1, x.size(-1)), weight, bias, "none", [], "")
-        return y.view(*x.shape[:-1], weight.size(0))
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        gy = grad_y.reshape(-1, grad_y.size(-1))  # (B*T, out)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:  # gy @ W = linear(gy, W.T)
-            grad_x = ONEDNN_LINEAR(gy, weight.t(), None, "none", [], "").view(x.shape)
-        if ctx.needs_input_grad[1]:  # gy.T @ x = linear(gy.T, x.T)
-            grad_w = ONEDNN_LINEAR(gy.t(), x.reshape(-1, x.size(-1)).t(), None, "none", [], "")
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = gy.sum(0)
-        return grad_x, grad_w, grad_b
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) whose fp32 CPU matmuls go through oneDNN."""
-
-    def forward(self, x):
-        # torch.compile lowers F.linear itself (its oneDNN lowering wants frozen weights)
-        if (ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-            return OneDNNLinear.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
-class DropoutAttention(torch.autograd.Function):
-    """Causal attention with dropout for the CPU, where SDPA's flash kernel has no dropout and
-    its math path keeps several (B, nh, T, T) tensors per layer for backward (over 1 GB at the
-    shakespeare_char GPU recipe). Here a slice of heads is done at a time in fp32, and backward
-    recomputes the probabilities and regenerates the dropout masks from a seed, as flash
-    attention does: only q, k, v and a (B, nh, T) log-sum-exp are kept."""
-    ROWS = 1 << 22  # scores per slice (16 MB in fp32)
-
-    @staticmethod
-    def slices(q, seed):
-        """(start, end, generator) per slice; the same sequence in forward and backward."""
-        BH, T = q.size(0) * q.size(1), q.size(2)
-        step = max(1, DropoutAttention.ROWS // (T * T))
-        g = torch.Generator().manual_seed(seed)
-        return [(i, min(i + step, BH), g) for i in range(0, BH, step)]
-
-    @staticmethod
-    def probs(q, k, lse, p, g):
-        """Softmax probabilities (n, T, T) of causal scores, and their dropout keep-mask."""
-        T = q.size(1)
-        scores = q @ k.transpose(1, 2) / math.sqrt(q.size(-1))
-        scores.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-        if lse is None:
-            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        keep = torch.rand(scores.shape, generator=g) >= p
-        return scores.sub_(lse).exp_(), keep, lse
-
-    @staticmethod
-    def forward(ctx, q, k, v, p, seed):
-        B, nh, T, hs = q.shape
-        work = torch.promote_types(q.dtype, torch.float32)  # bf16 in, fp32 math
-        flat = [t.reshape(B * nh, T, hs) for t in (q, k, v)]
-        y, lse = torch.empty(B * nh, T, hs, dtype=work), torch.empty(B * nh, T, 1, dtype=work)
-        for i, j, g in DropoutAttention.slices(q, seed):
-            qs, ks, vs = (t[i:j].to(work) for t in flat)
-            prob, keep, lse[i:j] = DropoutAttention.probs(qs, ks, None, p, g)
-            y[i:j] = (prob * keep) @ vs / (1 - p)
-        ctx.save_for_backward(q, k, v, lse)
-        ctx.p, ctx.seed = p, seed
-        return y.view(B, nh, T, hs).to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        q, k, v, lse = ctx.saved_tensors
-        p, (B, nh, T, hs), work = ctx.p, q.shape, lse.dtype
-        flat = [t.reshape(B * nh, T, hs) for t in (q, k, v, grad_y)]
-        grads = [torch.empty(B * nh, T, hs, dtype=work) for _ in range(3)]
-        for i, j, g in DropoutAttention.slices(q, ctx.seed):
-            qs, ks, vs, dy = (t[i:j].to(work) for t in flat)
-            prob, keep, _ = DropoutAttention.probs(qs, ks, lse[i:j], p, g)
-            dropped = prob * keep / (1 - p)
-            grads[2][i:j] = dropped.transpose(1, 2) @ dy
-            dprob = (dy @ vs.transpose(1, 2)) * keep / (1 - p)
-            dscores = prob * (dprob - (dprob * prob).sum(-1, keepdim=True)) / math.sqrt(hs)
-            grads[0][i:j], grads[1][i:j] = dscores @ ks, dscores.transpose(1, 2) @ qs
-        return (*(gr.view(B, nh, T, hs).to(q.dtype) for gr in grads), None, None)
-
-
-class ProbsAttention(torch.autograd.Function):
-    """Causal attention for bf16 on the CPU that keeps the (B*nh, T, T) probabilities for
-    backward: two bf16 batched matmuls each way and a softmax (fp32 inside), as GPU flash
-    attention does in bf16. torch 2.13's CPU flash kernel is 3x slower in bf16 than in fp32;
-    forward + backward here is 1.4x faster than fp32 flash at the CPU recipe's (12, 4, 64, 32),
-    2.0x at (8, 6, 256, 64), 1.5x at (4, 12, 512, 64) (measured interleaved). Used while the
-    probabilities are small (PROBS), else fp32 flash."""
-    PROBS = 1 << 24  # probabilities per layer, at most (32 MiB in bf16)
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        B, nh, T, hs = q.shape
-        q, k, v = (t.reshape(B * nh, T, hs) for t in (q, k, v))
-        causal = torch.full((T, T), float("-inf"), dtype=q.dtype).triu(1)
-        scores = torch.baddbmm(causal.expand(B * nh, T, T), q, k.transpose(1, 2), alpha=hs ** -0.5)
-        prob = torch.softmax(scores, dim=-1)
-        ctx.save_for_backward(q, k, v, prob)
-        return torch.bmm(prob, v).view(B, nh, T, hs)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        q, k, v, prob = ctx.saved_tensors
-        dy = grad_y.reshape(q.shape)  # (B*nh, T, hs)
-        grad_v = torch.bmm(prob.transpose(1, 2), dy)
-        dscores = torch._softmax_backward_data(torch.bmm(dy, v.transpose(1, 2)), prob, -1, prob.dtype)
-        grad_q = torch.bmm(dscores, k).mul_(q.size(-1) ** -0.5)
-        grad_k = torch.bmm(dscores.transpose(1, 2), q).mul_(q.size(-1) ** -0.5)
-        return tuple(g.view(grad_y.shape) for g in (grad_q, grad_k, grad_v))
-
-
-def attention(q, k, v, mask, is_causal, dropout_p, enable_gqa):
-    """(B, nh, T, hs) attention through SDPA, except on CPU: training with dropout goes through
-    DropoutAttention, and bf16 goes through ProbsAttention, or SDPA in fp32 when T is long (in
-    torch 2.13 the CPU flash kernel's bf16 backward is 3x slower than its fp32 one)."""
-    if q.device.type == "cpu" and dropout_p > 0 and is_causal and mask is None:
-        if enable_gqa:
-            k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
-        seed = int(torch.randint(2**62, (), dtype=torch.int64))  # from the global RNG: resumable
-        return DropoutAttention.apply(q, k, v, dropout_p, seed)
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        B, nh, T, _ = q.shape
-        if is_causal and mask is None and k.size(2) == T and B * nh * T * T <= ProbsAttention.PROBS:
-            if enable_gqa:
-                k, v = (t.repeat_interleave(nh // t.size(1), dim=1) for t in (k, v))
-            return ProbsAttention.apply(q, k, v)
-        with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                               is_causal=is_causal, dropout_p=dropout_p,
-                                               enable_gqa=enable_gqa)
-        return y.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                          dropout_p=dropout_p, enable_gqa=enable_gqa)
+        slot = self.pos % size if self.pos + T > size else self.pos
+        self.k[layer][:, :, slot:slot + T] = k
+        self.v[layer][:, :, slot:slot + T] = v
+        end = min(self.pos + T, size)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -283,7 +138,6 @@ class CausalSelfAttention(nn.Module):
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         self.c_attn = Linear(config.n_embd, qkv_dim, bias=config.bias)  # q, k, v fused
         self.c_proj = Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout, self.block_size = config.dropout, config.block_size
         if config.qk_norm:
             self.q_norm, self.k_norm = make_norm(config, self.head_dim), make_norm(config, self.head_dim)
@@ -291,10 +145,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope=None, kv_cache=None):
         B, T, C = x.size()
         hs = self.head_dim
-        q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)
+        qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, hs).transpose(1, 2)
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh|nkv, T, hs)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -303,14 +155,17 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v, self.block_size)
         # A prefill (no past) is plain causal; one new token may see the whole cache; a chunk
-        # after a past needs the causal mask shifted by `past`.
-        mask, causal = None, past == 0
+        # after a past needs the causal mask shifted by `past`; a sequence longer than the
+        # block (RoPE) a band: each token sees the last block_size tokens.
+        mask = None
         if past and T > 1:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = attention(q, k, v, mask, causal and T > 1, self.dropout if self.training else 0.0,
-                      self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)
-        return self.resid_dropout(self.c_proj(y))
+        elif T > self.block_size:
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().triu(1 - self.block_size)
+        y = attention(q, k, v, mask, past == 0 and T > 1 and mask is None,
+                      self.dropout if self.training else 0.0, self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * hs)
+        return F.dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -326,7 +181,7 @@ class MLP(nn.Module):
             hidden = config.mlp_hidden or 4 * config.n_embd
             self.c_fc = Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x):
         h = self.c_fc(x)
@@ -339,7 +194,15 @@ class MLP(nn.Module):
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        return self.dropout(self.c_proj(h))
+        return F.dropout(self.c_proj(h), self.dropout, self.training)
+
+
+def recomputed(f, *args):
+    """f(*args) keeping none of its activations for backward, which recomputes them from args
+    (with the RNG state of the forward, so the same dropout masks): activation checkpointing."""
+    if not torch.is_grad_enabled():
+        return f(*args)
+    return checkpoint(f, *args, use_reentrant=False)
 
 
 class Block(nn.Module):
@@ -349,10 +212,18 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        self.recompute = "none"  # activation checkpointing, see GPT.set_recompute
 
     def forward(self, x, rope=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), rope, kv_cache)
-        return x + self.mlp(self.ln_2(x))
+        if self.recompute == "block":
+            return recomputed(self.sublayers, x, rope, kv_cache)
+        return self.sublayers(x, rope, kv_cache)
+
+    def sublayers(self, x, rope, kv_cache):
+        attn = lambda x: self.attn(self.ln_1(x), rope, kv_cache)  # noqa: E731
+        mlp = lambda x: self.mlp(self.ln_2(x))  # noqa: E731
+        x = x + (recomputed(attn, x) if self.recompute == "attn" else attn(x))
+        return x + (recomputed(mlp, x) if self.recompute == "mlp" else mlp(x))
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -360,17 +231,17 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     nucleus (top-p) sampling. Returns (B, 1)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keeps the token that crosses top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    logits, ids = logits.float() / temperature, None
+    V = logits.size(-1)
+    if (top_k and top_k < V) or (top_p is not None and top_p < 1.0):
+        logits, ids = torch.topk(logits, min(top_k or V, V))  # the candidates, most likely first
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    if top_p is not None and top_p < 1.0:  # keeps the token that crosses top_p
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    # exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) is i with probability p_i / sum(p)
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-30)
+    choice = probs.div_(race).argmax(dim=-1, keepdim=True)
+    return choice if ids is None else ids.gather(-1, choice)
 
 
 class GPT(nn.Module):
@@ -417,19 +288,22 @@ class GPT(nn.Module):
                 n -= self.transformer.wte.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_cache=None, all_logits=False):
+    def forward(self, idx, targets=None, kv_cache=None, all_logits=False, sliding=False):
         """Logits for the last position (inference), or for every position with targets or
-        all_logits. With kv_cache, idx continues the cached tokens."""
+        all_logits. With kv_cache, idx continues the cached tokens. sliding=True lets a RoPE
+        model pass block_size: each token attends to the last block_size tokens (itself
+        included) in every layer, over a longer idx or, one token at a time, a longer cache."""
         B, T = idx.size()
-        past = kv_cache.pos if kv_cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        pos = kv_cache.pos if kv_cache is not None else 0
+        sliding = sliding and "wpe" not in self.transformer and (kv_cache is None or T == 1)
+        if pos + T > self.config.block_size and not sliding:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
         else:
-            rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])
+            rope = self.rope_at(pos, T)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache)
@@ -437,7 +311,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         if targets is None and not all_logits:
-            x = x[:, [-1], :]
+            x = x[:, -1:, :]
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if self.config.logit_softcap:
             cap = self.config.logit_softcap
@@ -446,6 +320,28 @@ class GPT(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def set_recompute(self, what):
+        """Activation checkpointing: 'block' keeps only each block's input for backward and
+        recomputes the rest there; 'attn' or 'mlp' does that for one half of each block. The
+        last block keeps its activations: backward needs them first, so recomputing them
+        would cost time and save no peak memory."""
+        if what not in RECOMPUTE:
+            raise ValueError(f"recompute={what!r} is not one of {RECOMPUTE}")
+        for block in self.transformer.h[:-1]:
+            block.recompute = what
+
+    def rope_at(self, pos, T):
+        """cos and sin for positions pos..pos+T-1, the tables extended past block_size on demand."""
+        n = self.rope_cos.size(0)
+        if pos + T > n:
+            with torch.inference_mode(False):  # the tables may be used in training later
+                cos, sin = rope_tables(self.config.head_size, 2 * (pos + T),
+                                       self.config.rope_theta)
+                # the positions already there keep their values, so outputs never shift
+                self.rope_cos = torch.cat([self.rope_cos, cos[n:].to(self.rope_cos)])
+                self.rope_sin = torch.cat([self.rope_sin, sin[n:].to(self.rope_sin)])
+        return self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
 
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. to fine-tune GPT-2 with a smaller block_size)."""
@@ -472,37 +368,42 @@ class GPT(nn.Module):
             return None
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         generator=None, use_cache=True, window="exact", vocab_limit=None):
         """Yield the next token for every row, (B, 1), max_new_tokens times. idx (B, T) must
         hold at most block_size tokens. With the cache, the prompt is prefilled once and each
-        step feeds one token. Once the sequence outgrows block_size, window='exact' recomputes
-        the last block_size tokens every step (exactly what full recomputation gives: learned
-        positions shift, so every cached key changes); window='chunked' keeps the last half
-        block, re-prefills it, and decodes from the cache again (faster, a shorter context).
+        step feeds one token. Past block_size, window='exact' gives what a forward over the
+        last block_size tokens gives (the cache recomputes that window every step: learned
+        positions shift, so every cached key changes); 'chunked' keeps the last half block,
+        re-prefills it and decodes from the cache again (faster, a shorter context);
+        'sliding' (RoPE) keeps decoding from the cache, each token attending to the last
+        block_size tokens in every layer, as forward() does for a longer sequence.
         vocab_limit: sample only ids below it (a padded vocabulary has ids no tokenizer knows)."""
-        if window not in ("exact", "chunked"):
-            raise ValueError(f"window={window!r} is not 'exact' or 'chunked'")
-        bs = self.config.block_size
-        if idx.size(1) > bs:
-            raise ValueError(f"prompt of {idx.size(1)} tokens exceeds block_size {bs}")
-        seq, cache, start = idx, None, 0
-        for _ in range(max_new_tokens):
-            L = seq.size(1)
+        if window not in WINDOWS:
+            raise ValueError(f"window={window!r} is not one of {WINDOWS}")
+        sliding = window == "sliding"
+        if sliding and "wpe" in self.transformer:
+            raise ValueError("window='sliding' needs pos_emb='rope' (learned positions end at block_size)")
+        bs, (B, T) = self.config.block_size, idx.shape
+        if T > bs:
+            raise ValueError(f"prompt of {T} tokens exceeds block_size {bs}")
+        seq = idx.new_empty(B, T + max_new_tokens)  # the whole output, filled in place
+        seq[:, :T] = idx
+        cache = None
+        for L in range(T, T + max_new_tokens):  # L tokens so far
             if not use_cache:
-                logits, _ = self(seq[:, -bs:])
-            elif cache is not None and start + cache.pos == L - 1 and cache.pos < bs:
-                logits, _ = self(seq[:, -1:], kv_cache=cache)
+                logits, _ = self(seq[:, 0 if sliding else max(0, L - bs):L], sliding=sliding)
+            elif cache is not None and (cache.pos < bs or sliding):
+                logits, _ = self(seq[:, L - 1:L], kv_cache=cache, sliding=sliding)
             else:
-                keep = bs if (window == "exact" or L <= bs) else max(1, bs // 2)
-                cache, start = KVCache(self.config.n_layer), max(0, L - keep)
-                logits, _ = self(seq[:, start:], kv_cache=cache)
+                keep = bs if (window != "chunked" or L <= bs) else max(1, bs // 2)
+                cache = KVCache(self.config.n_layer)
+                logits, _ = self(seq[:, max(0, L - keep):L], kv_cache=cache)
             next_token = sample_next(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
-            seq = torch.cat([seq, next_token], dim=1)
+            seq[:, L:L + 1] = next_token
             yield next_token
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  generator=None, use_cache=True, window="exact", vocab_limit=None):
         """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + max_new_tokens)."""

@@ -12,6 +12,14 @@ import sys
 
 import torch
 
+from checkpoint import build_model, load_checkpoint
+from configurator import UserError, configure, install_error_hook
+from dataloader import load_meta
+from hf import gpt_from_hf, hf_tokenizer
+from model import WINDOWS
+from runtime import autocast_context, resolve_device, resolve_dtype
+from tokenizer import tokenizer_from_meta
+
 # -----------------------------------------------------------------------------
 # settings
 init_from = "resume"  # 'resume' (a checkpoint in out_dir), 'gpt2*', or a GPT-2, Llama or Qwen3 HF dir
@@ -28,19 +36,12 @@ device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', '
 dtype = "auto"  # 'auto' (bf16/fp16 on CUDA, fp32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the model: a slow start, then faster tokens
 use_cache = True  # KV cache: each new token attends to cached keys instead of recomputing
-window = "exact"  # past block_size: 'exact' recomputes the window, 'chunked' is faster
-stop = ""  # end a sample at this string (it is cut there); '' = only at end-of-text
+window = "exact"  # past block_size: 'exact', 'chunked' (faster) or 'sliding' (RoPE models, fastest)
+stop = ""  # end a sample at this string (cut there; \n, \t, \\ ... are read as escapes); '' = only at end-of-text
 stream = True  # with num_samples=1, print tokens as they arrive
 # -----------------------------------------------------------------------------
 SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 SEPARATOR = "---------------"
-
-from checkpoint import build_model, load_checkpoint  # noqa: E402
-from configurator import UserError, configure, install_error_hook  # noqa: E402
-from dataloader import load_meta  # noqa: E402
-from hf import gpt_from_hf, hf_tokenizer  # noqa: E402
-from tokenizer import tokenizer_from_meta  # noqa: E402
-from runtime import autocast_context, resolve_device, resolve_dtype  # noqa: E402
 
 
 class SampleError(UserError):
@@ -54,8 +55,17 @@ def check_settings(s):
     if s["temperature"] < 0 or s["top_k"] < 0 or not 0 < s["top_p"] <= 1:
         raise SampleError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
                           f"{s['temperature']}, {s['top_k']}, {s['top_p']}")
-    if s["window"] not in ("exact", "chunked"):
-        raise SampleError(f"window={s['window']!r} is not 'exact' or 'chunked'")
+    if s["window"] not in WINDOWS:
+        raise SampleError(f"window={s['window']!r} is not one of {WINDOWS}")
+
+
+def unescape(text):
+    """--stop="\\n\\n" reaches Python as backslash, n, backslash, n (the shell keeps them):
+    read Python's escape sequences, as in a string literal."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise SampleError(f"stop={text!r}: {e.reason} (a lone backslash? write \\\\ for one)")
 
 
 def checkpoint_path(out_dir, ckpt):
@@ -183,11 +193,14 @@ def print_finished(samples, printed, prompt_text):
             printed[i] = True
 
 
-def prepare_model(model, tok, device, compile_model):
+def prepare_model(model, tok, device, compile_model, window="exact"):
     model.eval().to(device)
     if tok.vocab_size > model.config.vocab_size:
         raise SampleError(f"the model has vocab_size {model.config.vocab_size} but its tokenizer "
                           f"({tok.name}) has {tok.vocab_size} tokens; they do not belong together")
+    if window == "sliding" and model.config.pos_emb != "rope":
+        raise SampleError("window='sliding' needs a RoPE model (pos_emb='rope'); this one has learned "
+                          "positions: use window='exact' or 'chunked'")
     if compile_model:
         model.compile(dynamic=True)  # in place, so generate_stream's self(...) calls are compiled
     return model
@@ -196,6 +209,7 @@ def prepare_model(model, tok, device, compile_model):
 if __name__ == "__main__":
     install_error_hook()
     settings = configure({k: globals()[k] for k in SETTINGS}, sys.argv[1:], __file__)
+    settings["stop"] = unescape(settings["stop"])
     globals().update(settings)
     check_settings(settings)
 
@@ -205,7 +219,7 @@ if __name__ == "__main__":
     ctx = autocast_context(device_type, resolve_dtype(dtype, device_type))
     torch.backends.cuda.matmul.allow_tf32 = True
     model, tok, source = load_model(init_from, out_dir, ckpt)
-    model = prepare_model(model, tok, device, compile)
+    model = prepare_model(model, tok, device, compile, window)
     print(f"{source}: {model.get_num_params() / 1e6:.2f}M parameters, block_size "
           f"{model.config.block_size}, tokenizer {tok.name} ({tok.vocab_size} tokens), {device}",
           file=sys.stderr)

@@ -31,7 +31,7 @@ from dataloader import BatchLoader, load_meta, open_dataset
 from evaluate import (TASKS, estimate_loss, eval_tokenizer, format_results, load_tasks, parse_tasks, score_tasks,
                       token_byte_lengths)
 from metrics import MetricsLogger
-from model import CHOICES, GPT, GPTConfig
+from model import CHOICES, GPT, GPTConfig, RECOMPUTE
 from optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
 from runtime import (StopSignal, autocast_context, derive_grad_accum, init_distributed, keep_freed_memory,
                      peak_flops, peak_gpu_memory_mb, report_dead_ranks, resolve_device, resolve_dtype,
@@ -107,6 +107,7 @@ fsdp = False  # shard weights, gradients and optimizer state with FSDP2 instead 
 device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA if supported, else fp16; fp32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = "auto"  # torch.compile the model; 'auto' = on CUDA only
+activation_checkpointing = "none"  # recompute activations in backward to save memory: 'none', 'block', 'attn' or 'mlp'
 seed = 1337  # seeds the data order and every RNG
 # -----------------------------------------------------------------------------
 SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
@@ -134,6 +135,7 @@ RULES = dict(
     decay_lr=ANY, lr_schedule=one_of("cosine", "wsd", "linear", "constant"), warmup_iters=NON_NEGATIVE,
     lr_decay_iters=NON_NEGATIVE, min_lr=NON_NEGATIVE,
     decay_frac=(lambda v: 0 < v <= 1, "in (0, 1]: the fraction of post-warmup steps that decay"),
+    activation_checkpointing=one_of(*RECOMPUTE),
     backend=one_of("auto", "nccl", "gloo"), ddp_timeout=POSITIVE, fsdp=ANY,
     device=(lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
             "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
@@ -223,6 +225,7 @@ if __name__ == "__main__":
     if block_size != model.config.block_size:
         raise ConfigError(f"block_size={block_size} but the model has block_size {model.config.block_size}")
     model_args = asdict(model.config)
+    model.set_recompute(activation_checkpointing)
     model.to(device)
     if master_process:
         print(f"{model.get_num_params() / 1e6:.2f}M parameters")

@@ -11,7 +11,7 @@
 #   - a modern block (RoPE, RMSNorm, ReLU^2, no biases): cheaper and learns faster
 #   - bf16 autocast: the CPU has AVX-512 BF16, so the matmuls (most of the step) run faster
 #     (fp32: val 1.8546 in 26.8 s; bf16: 1.8586 in 21.6 s, one after the other, before
-#     bf16 attention went through model.ProbsAttention)
+#     bf16 attention went through cpu_kernels.ProbsAttention)
 #   - batch 24: fewer, larger matmuls per token; as token-efficient as batch 12 with Muon
 #   - a short warmup-stable-decay schedule that ends exactly at max_iters, where the one
 #     evaluation that matters happens, so the run stops right after it reaches the target

@@ -1,7 +1,7 @@
 """
 bench.py: the training report of a tiny config (through train.py as a subprocess), an
 interleaved comparison, a comparison against an external nanoGPT-style command, the sampling
-benchmark with its greedy cached == uncached check, and the log-line parsing.
+benchmark with its cached == uncached token checks, and the log-line parsing.
 """
 import json
 import os
@@ -88,12 +88,13 @@ def test_sample(tmp_path):
     out, report = run_bench(*TINY_SAMPLE, tmp_path=tmp_path)
     speeds = report["median_tokens_per_s"]
     assert set(speeds) == {"31 new, KV cache", "31 new, no cache", "40 new, cache exact",
-                           "40 new, cache chunked", "40 new, no cache"}
+                           "40 new, cache chunked", "40 new, no cache", "40 new, RoPE, cache sliding",
+                           "40 new, RoPE, no cache"}
     assert all(v > 0 for v in speeds.values())
     assert report["speedups"]["cache_vs_none_short"][0] > 0
-    # greedy tokens with the cache equal those of full recomputation (exact window)
-    assert [c["ok"] for c in report["greedy_checks"]] == [True, True]
-    assert out.count("greedy check") == 2 and "DIFFER" not in out
+    # sampled tokens with the cache equal those of full recomputation (same seed)
+    assert [c["ok"] for c in report["token_checks"]] == [True, True, True]
+    assert out.count("token check") == 3 and "DIFFER" not in out
 
 
 def test_log_parsing():
@@ -142,3 +143,13 @@ def test_quality_times_whole_runs(tiny_data, tmp_path):
     assert b["s_to_target"] == b["evals"][0][0] and b["target_iter"] == 0
     assert report["ratios"] == [pytest.approx(b["s_to_target"] / a["s_to_best"])]
     assert "--init_from=scratch" in a["command"] and "B's seconds to val <= 10.0" in out
+
+
+def test_sample_nanogpt_needs_a_checkout_and_its_architecture(tmp_path):
+    from configurator import UserError
+    models = bench.sample_models({"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}, 0, None)
+    with pytest.raises(UserError, match="nanoGPT checkout"):
+        bench.nanogpt_model(str(tmp_path), models["gpt"])
+    (tmp_path / "model.py").write_text("")
+    with pytest.raises(UserError, match="same weights"):
+        bench.nanogpt_model(str(tmp_path), models["rope"])

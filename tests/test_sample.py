@@ -4,6 +4,7 @@ HF GPT-2 directory. Expected texts come from model.generate in this process: sam
 same seed, same CPU kernels, so the tokens must be identical.
 """
 import os
+import shlex
 import string
 import subprocess
 import sys
@@ -103,6 +104,29 @@ def test_batch_long_prompt_from_file_with_stop(out_dir, tmp_path):
     expected = [kept + cut(g, "e") for g in reference(model, kept, 50, batch=3, temperature=0.8, top_k=200)]
     assert sorted(samples_of(p)) == sorted(expected)  # printed as each sample ends
     assert f"keeping its last {BLOCK}" in p.stderr and "block_size" in p.stderr
+
+
+def test_readme_stop_blank_line_command(tmp_path):
+    """The README's --stop="\\n\\n" through a real shell, which passes backslash-n as two
+    characters: the samples end at the first blank line. A vocabulary of newline and 'a' makes
+    blank lines come early."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=2, n_layer=2, n_head=2, n_embd=32)).eval()
+    meta = {"encoding": "char", "chars": ["\n", "a"], "vocab_size": 2}
+    torch.save({"model": model.state_dict(), "model_args": asdict(model.config), "meta": meta,
+                "iter_num": 0, "best_val_loss": 1e9, "config": {"dataset": "none"}}, tmp_path / "ckpt.pt")
+    (tmp_path / "prompt.txt").write_text("a")
+    readme = open(os.path.join(REPO, "README.md")).read()
+    documented = '--start="FILE:prompt.txt" --num_samples=3 --top_p=0.9 --stop="\\n\\n"'
+    assert documented in readme
+    command = f"{shlex.quote(sys.executable)} {SAMPLE} --out_dir=. {documented}"
+    p = subprocess.run(command, shell=True, executable="/bin/bash", cwd=str(tmp_path), env=child_env(),
+                       capture_output=True, text=True, timeout=120)
+    out = model.generate(torch.tensor([[1]] * 3), 500, temperature=0.8, top_k=200, top_p=0.9,
+                         generator=torch.Generator().manual_seed(1337))
+    generated = ["".join("\na"[i] for i in row[1:].tolist()) for row in out]
+    assert all("\n\n" in g[:100] for g in generated)  # the test can tell a stop from no stop
+    assert sorted(samples_of(p)) == sorted("a" + cut(g, "\n\n") for g in generated)
 
 
 def test_ckpt_auto_prefers_best(out_dir, tmp_path):

@@ -1,0 +1,99 @@
+"""
+cpu_kernels.py: each CPU kernel against the PyTorch operation it replaces (SDPA, F.linear),
+with gradients.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def test_probs_attention_matches_sdpa_and_gradcheck():
+    """ProbsAttention (bf16 CPU attention) is exact causal attention: gradcheck in float64, and
+    outputs and gradients equal to SDPA's in fp32."""
+    from cpu_kernels import ProbsAttention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    assert torch.autograd.gradcheck(ProbsAttention.apply, (q, k, v))
+    q, k, v = (torch.randn(3, 4, 16, 8, generator=g).requires_grad_() for _ in range(3))
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn(3, 4, 16, 8, generator=g)
+    y, y_ref = ProbsAttention.apply(q, k, v), F.scaled_dot_product_attention(*ref, is_causal=True)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip((q, k, v), ref):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("probs_limit", [1 << 24, 0])
+def test_cpu_bf16_attention(monkeypatch, probs_limit):
+    """Under CPU bf16 autocast, attention is ProbsAttention in bf16 while the probabilities are
+    small, else fp32 SDPA of the bf16 inputs rounded once; both are close to fp32 attention."""
+    from cpu_kernels import ProbsAttention, attention
+    monkeypatch.setattr(ProbsAttention, "PROBS", probs_limit)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(q, k, v, None, True, 0.0, False)
+    y_ref = F.scaled_dot_product_attention(*ref, is_causal=True)
+    assert y.dtype == torch.bfloat16
+    if probs_limit == 0:
+        assert torch.equal(y, y_ref.bfloat16())
+    torch.testing.assert_close(y.float(), y_ref, rtol=0, atol=0.03)
+    grad = torch.randn(2, 4, 16, 8, generator=g)
+    y.backward(grad.bfloat16())
+    y_ref.backward(grad)
+    for got, want in zip((q, k, v), ref):
+        assert got.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got.grad.float(), want.grad, rtol=0, atol=0.04)
+
+
+def test_cpu_linear_matches_aten_with_gradients():
+    """cpu_kernels.Linear (oneDNN on fp32 CPU) against F.linear: outputs and all three gradients."""
+    from cpu_kernels import Linear
+    torch.manual_seed(0)
+    layer = Linear(48, 80)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref, b_ref = (p.detach().clone().requires_grad_() for p in (layer.weight, layer.bias))
+    y, y_ref = layer(x), torch.nn.functional.linear(x_ref, w_ref, b_ref)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in ((x.grad, x_ref.grad), (layer.weight.grad, w_ref.grad), (layer.bias.grad, b_ref.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def small_slices(monkeypatch):
+    """DropoutAttention in slices of 2 heads, so the slicing itself is exercised."""
+    from cpu_kernels import DropoutAttention
+    monkeypatch.setattr(DropoutAttention, "ROWS", 2 * 16 * 16)
+    return DropoutAttention
+
+
+def test_dropout_attention_without_dropout_is_sdpa(small_slices):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    y = small_slices.apply(q, k, v, 0.0, 5)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(y, ref)
+    grad = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_dropout_attention_gradients_and_masks(small_slices):
+    """Backward regenerates forward's masks: gradcheck holds with dropout; a seed fixes the
+    masks; about p of the probabilities are dropped."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: small_slices.apply(a, b, c, 0.3, 7), (q, k, v))
+    assert torch.equal(small_slices.apply(q, k, v, 0.3, 7), small_slices.apply(q, k, v, 0.3, 7))
+    assert not torch.equal(small_slices.apply(q, k, v, 0.3, 7), small_slices.apply(q, k, v, 0.3, 8))
+    # with v = 1 a row's output is (kept probability mass) / (1 - p): 1 on average
+    ones = torch.ones(8, 4, 64, 8, dtype=torch.float64)
+    y = small_slices.apply(torch.zeros_like(ones), torch.zeros_like(ones), ones, 0.3, 1)
+    assert abs(y[:, :, 16:].mean().item() - 1.0) < 0.02
