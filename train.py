@@ -26,7 +26,7 @@ from checkpoint import (CheckpointError, build_model, capture_rng, check_model_a
                         load_sharded, load_sharded_state, model_config, restore_rng, save_checkpoint,
                         save_sharded, sharded_dir)
 from configurator import ConfigError, UserError, configure, install_error_hook
-from dataloader import BatchLoader, load_meta, open_dataset
+from dataloader import BatchLoader, check_same_tokenizer, load_meta, open_dataset
 from evaluate import estimate_loss
 from metrics import append_metrics, truncate_metrics
 from model import GPT
@@ -185,10 +185,9 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # data: validated up front; batches depend only on (seed, step, micro-batch)
-    splits, meta = open_dataset(data_dir, block_size, model.config.vocab_size)
-    if meta.get("encoding") == "bpe":  # checkpoints carry their tokenizer, wherever the data goes
-        with open(os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.json"))) as f:
-            meta["tokenizer_json"] = f.read()
+    splits, meta = open_dataset(data_dir, block_size, model.config.vocab_size)  # meta embeds a bpe tokenizer
+    if ckpt is not None:
+        check_same_tokenizer(ckpt.get("meta"), meta, ckpt_path, data_dir)
     loader = BatchLoader(splits["train"], block_size, batch_size, seed, grad_accum * world_size,
                          sampling=sampling, device=device, rank_first_index=rank * grad_accum,
                          rank_num_micro=grad_accum)
