@@ -561,6 +561,47 @@ def test_failed_commit_is_detected(tmp_path, monkeypatch):
     open_dataset(out, block_size=8)
 
 
+def readme_prepare_commands():
+    """The data/text/prepare.py command lines of README.md's Data section."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme.split("### Data\n", 1)[1].split("\n### ", 1)[0]
+    return [line.strip() for line in section.splitlines()
+            if line.strip().startswith("python data/text/prepare.py --input")]
+
+
+def test_readme_data_commands(tmp_path, monkeypatch):
+    """Each data/text/prepare.py command README's Data section shows, run as written (in a
+    dir holding the inputs it names), except the hub one: offline, it is tested above."""
+    import datasets
+    import shlex
+    import zstandard
+    for path, text in {"my_texts/a.txt": corpus_text()[:30_000], "src/a.py": "x = 1\n",
+                       "src/doc/B.MD": "# b\n", "src/c.rst": "c\n", "src/skip.txt": "no\n",
+                       "logs/2024/x.log": "log line\n", "notes.TXT": "notes\n",
+                       "big/a.txt": "good\n", "big/b.txt": "more\n"}.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    (tmp_path / "big/bad.txt").write_bytes(b"\xff")
+    (tmp_path / "corpus.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "z"}\n'))
+    datasets.Dataset.from_list([{"meta": {"body": f"doc {i}"}} for i in range(3)]).to_parquet(
+        str(tmp_path / "docs.parquet"))
+    monkeypatch.chdir(tmp_path)
+    commands = readme_prepare_commands()
+    assert len(commands) >= 5
+    for command in commands:
+        argv = shlex.split(command, comments=True)[2:]
+        if any(a.startswith("--input=hf:") for a in argv):
+            continue
+        encoding = ([a.split("=", 1)[1] for a in argv if a.startswith("--encoding=")] or ["gpt2"])[0]
+        if encoding != "char" and not encoding.startswith("bpe:"):
+            need_tiktoken(encoding)
+        args = tp.parse_args(argv)
+        tp.main(argv + ["--num_proc=1"])
+        meta = load_meta(args.out_dir)
+        assert meta["source"]["options"] == tp.options(args), command
+        assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0, command
+
+
 # ----------------------------------------------------------------------------------------
 # the CLI's own errors
 

@@ -656,22 +656,23 @@ def scan_inputs(sources, opts):
     with progress("reading inputs", sum(s.size for s in sources)) as bar:
         base = 0  # bytes of the inputs before this one
         for i, src in enumerate(sources):
-            docs, bad, first = 0, [], None
+            docs, nbytes, chars, bad, first = 0, 0, 0, [], None
             try:
                 for rec, pieces in src.records(opts, ()):
                     try:
-                        nbytes, chars = _consume(pieces, lambda: bar.update(max(0, base + src.position() - bar.n)))
+                        n, c = _consume(pieces, lambda: bar.update(max(0, base + src.position() - bar.n)))
                     except BadRecord as e:
                         bad.append(rec)
                         first = first or e
                         continue
-                    if chars == 0:
+                    if c == 0:
                         scan["empty"] += 1
-                        continue
-                    docs, scan["bytes"], scan["chars"] = docs + 1, scan["bytes"] + nbytes, chars
+                    else:
+                        docs, nbytes, chars = docs + 1, nbytes + n, c
             except BadRecord as e:  # the rest of the file cannot be read: none of it is used
-                bad, first = "all", first or e
-                docs = 0
+                docs, bad, first = 0, "all", first or e
+            if docs:
+                scan["bytes"], scan["chars"] = scan["bytes"] + nbytes, chars
             base += src.size
             bar.update(max(0, base - bar.n))
             scan["docs"].append(docs)
