@@ -8,6 +8,7 @@ Two samplers:
   epoch   the file is cut into block-aligned windows and each epoch visits every window
           exactly once, in a permutation that depends only on (seed, epoch)
 """
+import hashlib
 import json
 import os
 import pickle
@@ -85,10 +86,63 @@ def _check_meta(meta, path):
         if (not isinstance(chars, list) or len(set(chars)) != len(chars)
                 or not all(isinstance(c, str) and len(c) == 1 for c in chars)):
             raise DataError(f"{path}: 'chars' must be a list of distinct single characters")
+        if vocab_size is not None and vocab_size != len(chars):
+            raise DataError(f"{path}: vocab_size {vocab_size} but {len(chars)} chars; re-run prepare.py")
     dtype = token_dtype(meta)
     if vocab_size is not None and vocab_size > np.iinfo(dtype).max + 1:
         raise DataError(f"{path}: vocab_size {vocab_size} does not fit dtype {dtype.name}; "
                         f"re-run prepare.py")
+    fp = meta.get("tokenizer_fingerprint")
+    if fp is not None and not (isinstance(fp, str) and fp.startswith("sha256:")):
+        raise DataError(f"{path}: tokenizer_fingerprint {fp!r} is not 'sha256:<hex>'; re-run prepare.py")
+
+
+def fingerprint(data):
+    """'sha256:<hex>' of bytes (a str is taken as its UTF-8)."""
+    return "sha256:" + hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
+
+
+def tokenizer_fingerprint(meta, data_dir=None):
+    """The fingerprint of the tokenizer meta describes, from what defines it: a tokenizer file's
+    bytes (bpe's tokenizer.json, or its copy embedded in a checkpoint's meta), a char
+    vocabulary, else the encoding's name (tiktoken's encodings are fixed)."""
+    if meta.get("tokenizer_json") is not None:
+        return fingerprint(meta["tokenizer_json"])
+    if meta.get("tokenizer_file") or meta.get("encoding") == "bpe":
+        path = os.path.join(data_dir or ".", meta.get("tokenizer_file") or "tokenizer.json")
+        try:
+            with open(path, "rb") as f:
+                return fingerprint(f.read())
+        except OSError as e:
+            raise DataError(f"{path}: cannot read the dataset's tokenizer ({e.strerror}); re-run "
+                            f"the dataset's prepare.py")
+    if meta.get("encoding") == "char":
+        return fingerprint(json.dumps(meta["chars"], ensure_ascii=False))
+    return fingerprint(meta.get("encoding", "gpt2"))
+
+
+def describe_tokenizer(meta):
+    vocab = f", {meta['vocab_size']:,} tokens" if meta.get("vocab_size") else ""
+    return f"{meta.get('encoding', 'gpt2')}{vocab}"
+
+
+def check_same_tokenizer(saved_meta, meta, ckpt_path, data_dir=None):
+    """Refuse to resume a checkpoint on data encoded with another tokenizer (even one with the
+    same vocab size: the ids would mean other text). saved_meta is the checkpoint's meta (None
+    for a checkpoint that records none, e.g. nanoGPT's: nothing to compare)."""
+    if saved_meta is None:
+        return
+    try:
+        saved = saved_meta.get("tokenizer_fingerprint") or tokenizer_fingerprint(saved_meta)
+    except DataError:
+        return  # a bpe checkpoint from before tokenizers were embedded: nothing to compare
+    now = meta.get("tokenizer_fingerprint") or tokenizer_fingerprint(meta, data_dir)
+    if saved != now:
+        where = f"{data_dir}'s" if data_dir else "this dataset's"
+        raise DataError(f"{where} tokenizer ({describe_tokenizer(meta)}, {now[:19]}...) is not the one "
+                        f"{ckpt_path} was trained with ({describe_tokenizer(saved_meta)}, "
+                        f"{saved[:19]}...); resume on data prepared with the checkpoint's tokenizer, "
+                        f"or train from scratch in another out_dir")
 
 
 def token_dtype(meta):
@@ -146,6 +200,7 @@ def open_dataset(data_dir, block_size, vocab_size=None, check_ids=True):
                         f"or set --dataset to a prepared dataset")
     meta = load_meta(data_dir)
     dtype = token_dtype(meta)
+    _check_tokenizer_file(meta, data_dir)
     splits = {}
     for split in ("train", "val"):
         path = os.path.join(data_dir, f"{split}.bin")
@@ -163,6 +218,26 @@ def open_dataset(data_dir, block_size, vocab_size=None, check_ids=True):
             _check_ids(tf, meta.get("vocab_size"), vocab_size)
         splits[split] = tf
     return splits, meta
+
+
+def _check_tokenizer_file(meta, data_dir):
+    """A tokenizer file must be the one meta.json was written with (an interrupted or failed
+    prepare could leave another beside it). Its text goes into meta as tokenizer_json, so a
+    checkpoint carries its tokenizer wherever the data dir goes."""
+    if not (meta.get("tokenizer_file") or meta.get("encoding") == "bpe"):
+        return
+    path = os.path.join(data_dir, meta.get("tokenizer_file") or "tokenizer.json")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the dataset's tokenizer ({e.strerror}); re-run the "
+                        f"dataset's prepare.py")
+    found, expected = fingerprint(data), meta.get("tokenizer_fingerprint")
+    if expected is not None and found != expected:
+        raise DataError(f"{path} ({found[:19]}...) is not the tokenizer meta.json was written with "
+                        f"({expected[:19]}...); the data dir is inconsistent, re-run its prepare.py")
+    meta["tokenizer_json"] = data.decode("utf-8")
 
 
 def _check_ids(tf, meta_vocab, model_vocab):

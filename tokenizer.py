@@ -1,6 +1,5 @@
 """
-Tokenizers named by a dataset's meta.json, and the one implementation of writing
-train.bin / val.bin + meta.json that every data/*/prepare.py uses.
+Tokenizers named by a dataset's meta.json (writing datasets is dataprep.py's job).
 
 Encodings:
   char          one id per character; meta.json lists the characters in id order
@@ -11,18 +10,17 @@ Encodings:
 
 Documents: with tiktoken and bpe every document is followed by the end-of-text token; char
 has no such token, so a newline is added after a document that does not already end in one.
+
+meta.json's tokenizer_fingerprint (dataloader.tokenizer_fingerprint) ties a data dir, and every
+checkpoint trained on it, to exactly one tokenizer: tokenizer_from_meta refuses another.
 """
-import collections
 import json
-import multiprocessing
 import os
 import shutil
-import sys
-import time
 
 import numpy as np
 
-from dataloader import DataError, dtype_for_vocab, load_meta
+from dataloader import DataError, dtype_for_vocab, fingerprint, load_meta, tokenizer_fingerprint
 
 EOT = "<|endoftext|>"
 
@@ -44,6 +42,9 @@ class _DocumentEncoder:
         if bad:
             raise DataError(f"token id {bad[0]} is outside the {self.name} vocabulary of "
                             f"{self.vocab_size}; mask logits at and above vocab_size")
+
+    def fingerprint(self):
+        return tokenizer_fingerprint(self.meta())
 
 
 class CharTokenizer(_DocumentEncoder):
@@ -122,12 +123,13 @@ class BPETokenizer(_DocumentEncoder):
 
     def __init__(self, path, json_text=None):
         from tokenizers import Tokenizer
-        if json_text is not None:  # embedded in a checkpoint's meta: no data dir needed
-            self.tok = Tokenizer.from_str(json_text)
-        elif not os.path.exists(path):
-            raise DataError(f"{path} not found; re-run data/text/prepare.py --encoding=bpe:N")
-        else:
-            self.tok = Tokenizer.from_file(path)
+        if json_text is None:  # else embedded in a checkpoint's meta: no data dir needed
+            if not os.path.exists(path):
+                raise DataError(f"{path} not found; re-run data/text/prepare.py --encoding=bpe:N")
+            with open(path, "rb") as f:  # bytes: the fingerprint is of the file as written
+                json_text = f.read().decode("utf-8")
+        self.json_text = json_text
+        self.tok = Tokenizer.from_str(json_text)
         self.tok.encode_special_tokens = True  # a literal "<|endoftext|>" in text stays text
         self.vocab_size = self.tok.get_vocab_size()
         self.eot_token = self.tok.token_to_id(EOT)
@@ -142,6 +144,9 @@ class BPETokenizer(_DocumentEncoder):
 
     def meta(self):
         return {"encoding": "bpe", "eot_token": self.eot_token, "tokenizer_file": "tokenizer.json"}
+
+    def fingerprint(self):
+        return fingerprint(self.json_text)
 
 
 class HFTokenizer(BPETokenizer):
@@ -194,6 +199,28 @@ def get_tokenizer(encoding):
 
 
 def tokenizer_from_meta(meta, data_dir=None):
+    """The tokenizer meta names, refused if it is not the one meta was written with (another
+    tokenizer.json beside an old meta.json, a vocabulary of another size)."""
+    tok = _tokenizer(meta, data_dir)
+    embedded = data_dir is None or meta.get("tokenizer_json") is not None  # a checkpoint's meta
+    check_tokenizer(tok, meta, "the checkpoint's meta" if embedded else os.path.join(data_dir, "meta.json"))
+    return tok
+
+
+def check_tokenizer(tok, meta, where):
+    expected = meta.get("tokenizer_fingerprint")
+    found = tok.fingerprint() if expected and hasattr(tok, "fingerprint") else expected
+    if found != expected:
+        file = f"{meta.get('tokenizer_file')} " if meta.get("tokenizer_file") else ""
+        raise DataError(f"the {tok.name} tokenizer {file}({found[:19]}...) is not the one {where} was "
+                        f"written with ({expected[:19]}...); re-run the dataset's prepare.py")
+    if meta.get("vocab_size") not in (None, tok.vocab_size):
+        raise DataError(f"the {tok.name} tokenizer has {tok.vocab_size:,} tokens but {where} says "
+                        f"vocab_size {meta['vocab_size']:,}; they do not belong together, re-run "
+                        f"the dataset's prepare.py")
+
+
+def _tokenizer(meta, data_dir):
     encoding = meta.get("encoding", "gpt2")
     if encoding == "char":
         return CharTokenizer(meta["chars"])
@@ -211,8 +238,9 @@ def load_tokenizer(data_dir):
     return tokenizer_from_meta(load_meta(data_dir), data_dir)
 
 
-def train_bpe(texts, vocab_size, path):
-    """Train a byte-level BPE (exact round trip for any text) on an iterator of strings."""
+def train_bpe(texts, vocab_size, path=None):
+    """Train a byte-level BPE (exact round trip for any text) on an iterator of strings;
+    saved as path (a tokenizer.json) if given."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     if vocab_size < 257:
         raise DataError(f"bpe vocab size {vocab_size} is too small: it needs 256 byte tokens "
@@ -224,237 +252,7 @@ def train_bpe(texts, vocab_size, path):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    if path is None:
+        return BPETokenizer(None, tok.to_str(pretty=True))
     tok.save(path)
     return BPETokenizer(path)
-
-
-# ----------------------------------------------------------------------------------------
-# writing token files
-
-
-class TokenWriter:
-    """Appends ids to <path>.partial; commit() renames it to <path>, so an interrupted run
-    never leaves a complete-looking train.bin. resume_tokens > 0 continues a .partial file
-    from that many tokens (anything after them, e.g. a torn write, is cut off)."""
-
-    def __init__(self, path, dtype, resume_tokens=0):
-        self.path, self.dtype, self.partial = path, np.dtype(dtype), path + ".partial"
-        self.num_tokens = resume_tokens
-        if resume_tokens:
-            self.f = open(self.partial, "r+b")
-            self.f.truncate(resume_tokens * self.dtype.itemsize)
-            self.f.seek(0, os.SEEK_END)
-        else:
-            self.f = open(self.partial, "wb")
-
-    def write(self, ids):
-        ids = np.asarray(ids, dtype=self.dtype)
-        self.f.write(ids.tobytes())
-        self.num_tokens += len(ids)
-
-    def sync(self):
-        """Make everything written so far durable (before recording it as done)."""
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self):
-        """Stop, keeping the .partial file for a later resume."""
-        self.f.close()
-
-    def commit(self):
-        self.f.close()
-        os.replace(self.partial, self.path)
-
-    def abort(self):
-        self.f.close()
-        os.remove(self.partial)
-
-
-def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)  # readers never see half a file
-
-
-def write_meta(out_dir, tok, counts):
-    meta = {**tok.meta(), "vocab_size": tok.vocab_size,
-            "dtype": dtype_for_vocab(tok.vocab_size).name,
-            "train_tokens": counts["train"], "val_tokens": counts["val"]}
-    write_json(os.path.join(out_dir, "meta.json"), meta)
-    print(f"{out_dir}: train {counts['train']:,} tokens, val {counts['val']:,} tokens, "
-          f"vocab {tok.vocab_size:,} ({tok.name}, {meta['dtype']})")
-
-
-def write_dataset(out_dir, tok, splits):
-    """Small in-memory datasets: splits = {'train': ids, 'val': ids}."""
-    os.makedirs(out_dir, exist_ok=True)
-    counts = {}
-    for split, ids in splits.items():
-        w = TokenWriter(os.path.join(out_dir, f"{split}.bin"), dtype_for_vocab(tok.vocab_size))
-        w.write(ids)
-        w.commit()
-        counts[split] = w.num_tokens
-    write_meta(out_dir, tok, counts)
-    return counts
-
-
-# ----------------------------------------------------------------------------------------
-# streaming a corpus through a pool of encoders
-
-
-class Progress:
-    """One status line on stderr: done / total and throughput (no tqdm needed)."""
-
-    def __init__(self, label, total, unit="MB"):
-        self.label, self.total, self.done, self.unit = label, total, 0, unit
-        self.scale = 1e6 if unit == "MB" else 1
-        self.t0 = self.last = time.time()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, nbytes):
-        self.done += nbytes
-        now = time.time()
-        # a terminal gets one line redrawn in place; a log file gets a line every 5 s
-        if now - self.last >= (0.2 if self.tty else 5.0):
-            self.last = now
-            self._show()
-
-    def _show(self, final=False):
-        rate = self.done / max(time.time() - self.t0, 1e-9) / self.scale
-        d = 1 if self.unit == "MB" else 0  # decimals
-        line = (f"{self.label}: {self.done / self.scale:,.{d}f}/{self.total / self.scale:,.{d}f} "
-                f"{self.unit} ({100 * self.done / max(self.total, 1):.0f}%) "
-                f"{rate:,.1f} {self.unit}/s")
-        if self.tty:
-            sys.stderr.write("\r" + line + ("\n" if final else ""))
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    def close(self):
-        self.done = self.total
-        self._show(final=True)
-
-
-def group_chunks(segments, chunk_bytes):
-    """(tag, text, ends_doc, nbytes) pieces -> (tag, [(text, ends_doc)], nbytes) chunks of
-    about chunk_bytes, each holding pieces of a single tag (e.g. the split)."""
-    tag0, group, nbytes = None, [], 0
-    for tag, text, ends_doc, n in segments:
-        if group and (tag != tag0 or nbytes >= chunk_bytes):
-            yield tag0, group, nbytes
-            group, nbytes = [], 0
-        tag0 = tag
-        group.append((text, ends_doc))
-        nbytes += n
-    if group:
-        yield tag0, group, nbytes
-
-
-def imap_bounded(fn, items, num_proc, initializer=None, initargs=()):
-    """fn over items in num_proc processes, results in input order. Unlike Pool.imap, which
-    drains its whole input into a queue, at most num_proc + 2 items are in flight, so memory
-    stays bounded however long the input is."""
-    if num_proc <= 1:
-        if initializer:
-            initializer(*initargs)
-        yield from map(fn, items)
-        return
-    with multiprocessing.Pool(num_proc, initializer, initargs) as pool:
-        pending = collections.deque()
-        for item in items:
-            pending.append(pool.apply_async(fn, (item,)))
-            if len(pending) >= num_proc + 2:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-_worker_tok = None  # the tokenizer of this encoder process
-
-
-def _init_encoder(meta, data_dir):
-    global _worker_tok
-    _worker_tok = tokenizer_from_meta(meta, data_dir)
-
-
-def _encode_chunk(chunk):
-    tag, segments, nbytes = chunk
-    return tag, _worker_tok.encode_segments(segments), nbytes
-
-
-def encode_chunks(chunks, tok, data_dir, num_proc):
-    """(tag, [(text, ends_doc)], nbytes) chunks -> (tag, ids, nbytes), in order."""
-    return imap_bounded(_encode_chunk, chunks, num_proc, _init_encoder, (tok.meta(), data_dir))
-
-
-def write_stream(out_dir, tok, chunks, num_proc, total_bytes):
-    """Encode chunks tagged 'train' / 'val' into out_dir's train.bin / val.bin + meta.json."""
-    dtype = dtype_for_vocab(tok.vocab_size)
-    writers = {s: TokenWriter(os.path.join(out_dir, f"{s}.bin"), dtype) for s in ("train", "val")}
-    progress = Progress(f"encoding ({tok.name})", total_bytes)
-    try:
-        for split, ids, nbytes in encode_chunks(chunks, tok, out_dir, num_proc):
-            writers[split].write(ids)
-            progress.update(nbytes)
-        progress.close()
-        for split, w in writers.items():
-            if w.num_tokens == 0:
-                raise DataError(f"no text went to {split}.bin; give more input or change "
-                                f"--val_fraction")
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    for w in writers.values():
-        w.commit()
-    counts = {s: w.num_tokens for s, w in writers.items()}
-    write_meta(out_dir, tok, counts)
-    return counts
-
-
-def run_cli(main):
-    """Run a prepare script's main(): bad input is one `error: ...` line and exit status 1."""
-    try:
-        main()
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-def script_args(script_file, description, url=None, argv=None, **options):
-    """The options every small prepare script shares: --out_dir (default: the script's own
-    dir, where nanoGPT puts its data), for one that downloads its input --url, and
-    --name=value for each extra option (typed like its default; str when None)."""
-    import argparse
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one `error:` line and status 1, like other bad input
-            raise DataError(message)
-
-    p = Parser(description=description)
-    p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(script_file)))
-    if url:
-        p.add_argument("--url", default=url, help="where to download input.txt if it is missing")
-    for name, default in options.items():
-        p.add_argument(f"--{name}", default=default, type=type(default) if default else str)
-    return p.parse_args(argv)
-
-
-def fetch_text(path, url):
-    """The text at path, downloading it from url first if the file is missing."""
-    if not os.path.exists(path):
-        import urllib.request
-        print(f"downloading {url} to {path}")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r:
-                data = r.read()
-        except OSError as e:
-            raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}); put the "
-                            f"file at {path} and re-run")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(path + ".tmp", path)
-    with open(path, encoding="utf-8", newline="") as f:
-        return f.read()

@@ -27,7 +27,7 @@ from checkpoint import (build_model, check_model_args, claim_out_dir, last_saved
                         resume_training, save_training_state, save_weights, start_over)
 from configurator import (ANY, ConfigError, UserError, at_least, check_settings, configure, in_range,
                           install_error_hook, one_of)
-from dataloader import BatchLoader, load_meta, open_dataset
+from dataloader import BatchLoader, check_same_tokenizer, load_meta, open_dataset
 from evaluate import (TASKS, estimate_loss, eval_tokenizer, format_results, load_tasks, parse_tasks, score_tasks,
                       token_byte_lengths)
 from metrics import MetricsLogger
@@ -237,10 +237,9 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # data: validated up front; batches depend only on (seed, step, micro-batch)
-    splits, meta = open_dataset(data_dir, block_size, model.config.vocab_size)
-    if meta.get("encoding") in ("bpe", "hf"):  # checkpoints carry their tokenizer, wherever the data goes
-        with open(os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.json"))) as f:
-            meta["tokenizer_json"] = f.read()
+    splits, meta = open_dataset(data_dir, block_size, model.config.vocab_size)  # meta embeds a bpe/hf tokenizer
+    if ckpt is not None:
+        check_same_tokenizer(ckpt.get("meta"), meta, resume_path, data_dir)
     loader = BatchLoader(splits["train"], block_size, batch_size, seed, grad_accum * world_size,
                          sampling=sampling, device=device, rank_first_index=rank * grad_accum,
                          rank_num_micro=grad_accum)

@@ -1,5 +1,6 @@
-"""Data preparation, tokenizers and batch loading. The two big-file tests (1 GB prepare,
-2 GB train.bin) are part of the normal run: they take ~30 s together on 2 cores."""
+"""The small prepare scripts (shakespeare, openwebtext), tokenizers and their fingerprints,
+metadata and batch loading. data/text/prepare.py is tested in test_prepare.py. The 2 GB
+train.bin test is in the slow tier."""
 import importlib.util
 import json
 import math
@@ -14,18 +15,29 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader import (BatchLoader, DataError, TokenFile, get_batch, load_meta,
-                        open_dataset)
-from tokenizer import CharTokenizer, get_tokenizer, load_tokenizer
+from dataloader import (BatchLoader, DataError, TokenFile, check_same_tokenizer, get_batch,
+                        load_meta, open_dataset)
+from tokenizer import CharTokenizer, get_tokenizer, load_tokenizer, tokenizer_from_meta
+from trainutil import corpus_text, one_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
 EOT = "<|endoftext|>"
 
 
-def run(*args, timeout=600):
+def run(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
+
+
+def need_tiktoken(*names):
+    """Skip (saying what to provide) when tiktoken cannot load an encoding: it is downloaded
+    on first use, and a fresh offline clone has no cache."""
+    for name in names:
+        try:
+            get_tokenizer(name)
+        except DataError:
+            pytest.skip(f"needs tiktoken's {name} encoding: run once online, or set "
+                        f"TIKTOKEN_CACHE_DIR to a cache that holds it")
 
 
 def read_split(data_dir, split):
@@ -41,133 +53,6 @@ def load_module(path, name):
 
 
 # ----------------------------------------------------------------------------------------
-# data/text/prepare.py
-
-
-def make_corpus(root):
-    """A small multi-document corpus; returns the documents in the order prepare reads them."""
-    docs = {
-        "a.txt": "First line.\nSecond line with ünïcödé, 日本語 and 🙂.\n" * 40,
-        "b.jsonl": None,
-        "c.txt": "",  # empty documents are skipped
-        "sub/d.txt": "windows\r\nline endings\r\nand no newline at the end" * 30,
-    }
-    records = ["json doc one with a literal " + EOT + " in it", "", "json\ndoc\tthree 🙂"]
-    os.makedirs(os.path.join(root, "sub"))
-    for name, text in docs.items():
-        with open(os.path.join(root, name), "w", encoding="utf-8", newline="") as f:
-            if name.endswith(".jsonl"):
-                f.write("\n".join(json.dumps({"text": r, "id": i}) for i, r in enumerate(records)))
-                f.write("\n\n")  # blank lines are ignored
-            else:
-                f.write(text)
-    return [docs["a.txt"]] + [r for r in records if r] + [docs["sub/d.txt"]]
-
-
-@pytest.mark.parametrize("encoding", ["char", "gpt2", "cl100k_base", "bpe:300"])
-def test_text_round_trip(tmp_path, encoding):
-    docs = make_corpus(tmp_path / "in")
-    out = tmp_path / "out"
-    r = run("data/text/prepare.py", f"--input={tmp_path / 'in'}", f"--encoding={encoding}",
-            f"--out_dir={out}", "--num_proc=2", "--val_fraction=0.25")
-    assert r.returncode == 0, r.stderr
-    meta = load_meta(out)
-    tok = load_tokenizer(out)
-    train, val = read_split(out, "train"), read_split(out, "val")
-    if encoding == "char":
-        expected = "".join(d if d.endswith("\n") else d + "\n" for d in docs)
-    else:
-        expected = "".join(d + EOT for d in docs)
-        assert tok.eot_token == meta["eot_token"] and (train == tok.eot_token).sum() > 0
-    assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == expected
-    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
-    assert 0 < len(val) < len(train) and max(train.max(), val.max()) < meta["vocab_size"]
-    if encoding.startswith("bpe"):
-        assert meta["vocab_size"] <= 300 and (out / "tokenizer.json").exists()
-
-
-@pytest.mark.parametrize("encoding,dtype,itemsize", [("gpt2", "uint16", 2),
-                                                      ("cl100k_base", "uint32", 4)])
-def test_token_dtype(tmp_path, encoding, dtype, itemsize):
-    (tmp_path / "in.txt").write_text("some text to encode\n" * 50)
-    r = run("data/text/prepare.py", f"--input={tmp_path / 'in.txt'}", f"--encoding={encoding}",
-            f"--out_dir={tmp_path / 'out'}", "--num_proc=1")
-    assert r.returncode == 0, r.stderr
-    meta = load_meta(tmp_path / "out")
-    assert meta["dtype"] == dtype
-    size = os.path.getsize(tmp_path / "out" / "train.bin")
-    assert size == itemsize * meta["train_tokens"]
-    if encoding == "cl100k_base":
-        assert read_split(tmp_path / "out", "val").max() > 65535  # eot 100257 needs uint32
-
-
-def test_chunking_at_line_boundaries(tmp_path):
-    """Tiny chunks: pieces cut at line ends (or inside a too-long line at a character
-    boundary) give back the file exactly, and char tokens equal whole-file encoding."""
-    text_prepare = load_module("data/text/prepare.py", "text_prepare")
-    text = "short\n" + "ü日🙂x" * 50 + "\nlines\n" * 30 + "tail without newline"
-    path = tmp_path / "doc.txt"
-    path.write_text(text, encoding="utf-8")
-    segments = list(text_prepare.corpus_segments([str(path)], 0.3, "text", chunk_bytes=16))
-    assert "".join(t for _, t, _, _ in segments) == text
-    assert [end for _, _, end, _ in segments] == [False] * (len(segments) - 1) + [True]
-    val = "".join(t for split, t, _, _ in segments if split == "val")
-    assert text.endswith(val) and text[len(text) - len(val) - 1] == "\n"  # val starts a line
-    assert 0.2 < len(val.encode()) / len(text.encode()) < 0.4
-    tok = CharTokenizer(sorted(set(text + "\n")))
-    chunked = tok.encode_segments([(t, end) for _, t, end, _ in segments])
-    assert chunked.tolist() == tok.encode(text + "\n")
-
-
-def test_text_prepare_errors(tmp_path):
-    bad_utf8 = tmp_path / "bad.txt"
-    bad_utf8.write_bytes(b"ok\n\xff\xfe\n")
-    no_field = tmp_path / "x.jsonl"
-    no_field.write_text('{"body": "hi"}\n')
-    cases = [
-        ([f"--input={tmp_path / 'missing.txt'}"], "missing.txt"),
-        ([f"--input={bad_utf8}"], "bad.txt"),
-        ([f"--input={no_field}"], "x.jsonl:1"),
-        ([f"--input={bad_utf8}", "--encoding=no_such_encoding"], "no_such_encoding"),
-        ([f"--input={no_field}", "--val_fraction=1.5"], "val_fraction"),
-        ([f"--input={no_field}", "--encoding=bpe:abc"], "bpe:abc"),
-        (["--bogus=1"], "--bogus"),
-    ]
-    for args, needle in cases:
-        r = run("data/text/prepare.py", *args, f"--out_dir={tmp_path / 'out'}")
-        assert r.returncode == 1, (args, r.stderr)
-        assert r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
-        assert r.stderr.count("\n") == 1, r.stderr  # one line, no traceback
-
-
-def test_prepare_1gb_bounded_memory(tmp_path):
-    """1 GB of text through the char pipeline: peak RSS of the whole process tree < 1 GB."""
-    src, out = tmp_path / "big.txt", tmp_path / "out"
-    block = ("The quick brown fox jumps over the lazy dog, 0123456789 times.\n" * 16384).encode()
-    copies = (1 << 30) // len(block) + 1
-    try:
-        with open(src, "wb") as f:
-            for _ in range(copies):
-                f.write(block)
-        # a fresh parent, so RUSAGE_CHILDREN covers only prepare.py and its workers
-        probe = ("import resource, subprocess, sys; "
-                 "r = subprocess.run(sys.argv[1:]); "
-                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
-        r = run("-c", probe, sys.executable, "data/text/prepare.py", f"--input={src}",
-                "--encoding=char", f"--out_dir={out}", "--num_proc=2")
-        peak_kb, rc = map(int, r.stdout.split()[-2:])
-        assert rc == 0, r.stderr
-        print(f"1 GB prepare: peak RSS {peak_kb / 1024:.0f} MB")
-        assert peak_kb < 1 << 20, f"peak RSS {peak_kb / 1024:.0f} MB"
-        assert "MB/s" in r.stderr
-        meta = load_meta(out)
-        assert meta["train_tokens"] + meta["val_tokens"] == copies * len(block)
-        assert os.path.getsize(out / "train.bin") == 2 * meta["train_tokens"]
-    finally:
-        shutil.rmtree(tmp_path)  # pytest keeps old tmp dirs; don't leave 3 GB behind
-
-
-# ----------------------------------------------------------------------------------------
 # shakespeare and openwebtext
 
 
@@ -178,28 +63,39 @@ def nanogpt_char_reference(text):
     return [np.array([stoi[c] for c in part], dtype=np.uint16) for part in (text[:n], text[n:])]
 
 
+def write_input(tmp_path):
+    """input.txt: tinyshakespeare when ../shared has it, else trainutil's generated text."""
+    text = corpus_text()
+    (tmp_path / "input.txt").write_text(text, encoding="utf-8")
+    return text
+
+
 def test_shakespeare_char(tmp_path):
-    shutil.copy(SHAKESPEARE, tmp_path / "input.txt")
+    text = write_input(tmp_path)
     r = run("data/shakespeare_char/prepare.py", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     meta = load_meta(tmp_path)
-    assert (meta["train_tokens"], meta["val_tokens"], meta["vocab_size"]) == (1003854, 111540, 65)
-    train_ref, val_ref = nanogpt_char_reference(open(SHAKESPEARE).read())
+    train_ref, val_ref = nanogpt_char_reference(text)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train_ref), len(val_ref))
+    assert meta["vocab_size"] == len(set(text)) and meta["tokenizer_fingerprint"].startswith("sha256:")
     assert (tmp_path / "train.bin").read_bytes() == train_ref.tobytes()
     assert (tmp_path / "val.bin").read_bytes() == val_ref.tobytes()
     tok = load_tokenizer(tmp_path)
-    assert tok.decode(tok.encode("ROMEO:\nO, she doth")) == "ROMEO:\nO, she doth"
+    sample = text[1000:1100]
+    assert tok.decode(tok.encode(sample)) == sample
 
 
 def test_shakespeare_gpt2(tmp_path):
-    shutil.copy(SHAKESPEARE, tmp_path / "input.txt")
+    need_tiktoken("gpt2")
+    text = write_input(tmp_path)
     r = run("data/shakespeare/prepare.py", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     meta = load_meta(tmp_path)
-    assert (meta["train_tokens"], meta["val_tokens"], meta["dtype"]) == (301966, 36059, "uint16")
-    text = open(SHAKESPEARE).read()
     tok = load_tokenizer(tmp_path)
-    assert tok.decode(read_split(tmp_path, "train").tolist()) == text[:int(len(text) * 0.9)]
+    n = int(len(text) * 0.9)  # nanoGPT: the two parts encoded separately, no end-of-text
+    train, val = read_split(tmp_path, "train"), read_split(tmp_path, "val")
+    assert train.tolist() == tok.encode(text[:n]) and val.tolist() == tok.encode(text[n:])
+    assert (meta["train_tokens"], meta["val_tokens"], meta["dtype"]) == (len(train), len(val), "uint16")
 
 
 def test_shakespeare_offline_error(tmp_path):
@@ -213,6 +109,7 @@ def test_shakespeare_offline_error(tmp_path):
 
 
 def test_openwebtext_prepare_and_resume(tmp_path):
+    need_tiktoken("gpt2")
     import datasets
     owt = load_module("data/openwebtext/prepare.py", "owt_prepare")
     docs = [f"Document {i}: " + "ünï words " * (i % 13) for i in range(2500)]
@@ -225,6 +122,7 @@ def test_openwebtext_prepare_and_resume(tmp_path):
     with open(part / "train.bin.partial", "ab") as f:
         f.write(b"\x07\x00\x09")  # a shard cut short mid-write
     assert owt.prepare(ds, part, num_proc=1, num_shards=6) == full
+    assert sorted(os.listdir(part)) == ["meta.json", "train.bin", "val.bin"]  # committed, no leftovers
     for split in ("train", "val"):
         assert (part / f"{split}.bin").read_bytes() == (tmp_path / "full" / f"{split}.bin").read_bytes()
 
@@ -239,6 +137,7 @@ def test_openwebtext_prepare_and_resume(tmp_path):
 
 
 def test_tokenizers_by_name_and_default(tmp_path):
+    need_tiktoken("gpt2")
     gpt2 = get_tokenizer("gpt2")
     assert (gpt2.vocab_size, gpt2.eot_token, gpt2.name) == (50257, 50256, "gpt2")
     assert load_tokenizer(tmp_path).name == "gpt2"  # a dir without meta
@@ -256,6 +155,94 @@ def test_char_tokenizer_unknown_character():
     for text, ch in (("abz", "'z'"), ("ab日", "'日'"), ("a🙂", "U+1F642")):
         with pytest.raises(DataError, match=re.escape(ch)):
             tok.encode(text)
+
+
+_text_prepare = None
+
+
+def prepare_text(tmp_path, name, text, encoding):
+    """A data dir made by data/text/prepare.py (in this process) from one text file."""
+    global _text_prepare
+    _text_prepare = _text_prepare or load_module("data/text/prepare.py", "text_prepare")
+    (tmp_path / f"{name}.txt").write_text(text, encoding="utf-8")
+    _text_prepare.main([f"--input={tmp_path / name}.txt", f"--encoding={encoding}",
+                        f"--out_dir={tmp_path / name}", "--num_proc=1"])
+    return tmp_path / name
+
+
+@pytest.fixture
+def two_bpe_dirs(tmp_path):
+    """Two bpe:300 data dirs from different text: same vocab size, different tokenizers."""
+    text = corpus_text()
+    a = prepare_text(tmp_path, "a", text[:60_000], "bpe:300")
+    b = prepare_text(tmp_path, "b", text[60_000:][::-1][:60_000], "bpe:300")
+    assert load_meta(a)["vocab_size"] == load_meta(b)["vocab_size"] == 300
+    return a, b
+
+
+def test_tokenizer_file_must_match_meta(two_bpe_dirs):
+    """A tokenizer.json that is not the one meta.json was written with (what a failed
+    re-prepare used to leave) is refused by the loader and by the tokenizer."""
+    a, b = two_bpe_dirs
+    _, meta = open_dataset(a, block_size=8)
+    assert meta["tokenizer_json"] == (a / "tokenizer.json").read_text()  # checkpoints embed it
+    shutil.copy(b / "tokenizer.json", a / "tokenizer.json")
+    with pytest.raises(DataError, match=r"a/tokenizer.json \(sha256:\w+\.\.\.\) is not the tokenizer "
+                                        r"meta.json was written with"):
+        open_dataset(a, block_size=8)
+    with pytest.raises(DataError, match=r"is not the one .*a/meta.json was written with"):
+        load_tokenizer(a)
+
+
+def test_tokenizer_smaller_than_meta_is_refused(two_bpe_dirs, tmp_path):
+    """An older meta.json (no fingerprint) beside a tokenizer.json of another size, and a
+    checkpoint whose embedded tokenizer disagrees with its vocab_size: sample.py used to decode
+    with it; now it is a one-line error."""
+    a, _ = two_bpe_dirs
+    small = prepare_text(tmp_path, "small", "abab abab cdcd\n" * 20, "bpe:300")
+    meta = {k: v for k, v in load_meta(a).items() if k != "tokenizer_fingerprint"}
+    shutil.copy(small / "tokenizer.json", a / "tokenizer.json")
+    smaller = load_meta(small)["vocab_size"]
+    with pytest.raises(DataError, match=f"has {smaller} tokens but .*a/meta.json says vocab_size 300"):
+        tokenizer_from_meta(meta, str(a))
+    import sample
+    ckpt = {"meta": {**meta, "tokenizer_json": (small / "tokenizer.json").read_text()}, "config": {}}
+    with pytest.raises(DataError, match=f"has {smaller} tokens but the checkpoint's meta says vocab_size 300"):
+        sample.checkpoint_tokenizer(ckpt)
+
+
+def test_check_same_tokenizer(two_bpe_dirs):
+    a, b = two_bpe_dirs
+    ma, mb = open_dataset(a, block_size=8)[1], open_dataset(b, block_size=8)[1]
+    check_same_tokenizer(ma, dict(ma), "out/ckpt.pt", str(a))
+    check_same_tokenizer(None, ma, "out/ckpt.pt")  # nanoGPT's checkpoints record no meta
+    old = {k: v for k, v in ma.items() if k != "tokenizer_fingerprint"}  # embedded json only
+    check_same_tokenizer(old, ma, "out/ckpt.pt")
+    with pytest.raises(DataError, match=r"b's tokenizer \(bpe, 300 tokens, sha256:\w+\.\.\.\) is not the "
+                                        r"one out/ckpt.pt was trained with \(bpe, 300 tokens"):
+        check_same_tokenizer(ma, mb, "out/ckpt.pt", str(b))
+    abc = {"encoding": "char", "chars": list("abc\n"), "vocab_size": 4}
+    abd = {"encoding": "char", "chars": list("abd\n"), "vocab_size": 4}
+    check_same_tokenizer(abc, dict(abc), "ckpt.pt")
+    with pytest.raises(DataError, match="char, 4 tokens"):
+        check_same_tokenizer(abc, abd, "ckpt.pt")
+    check_same_tokenizer({}, {"encoding": "gpt2", "vocab_size": 50257}, "ckpt.pt")  # no meta: gpt2
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_dataset_with_another_tokenizer(tmp_path):
+    """train.py resumed on data with another vocabulary of the same size stops with one line."""
+    from trainutil import run_train, write_char_dataset
+    a = write_char_dataset(str(tmp_path / "a"), "abcdefgh\n" * 300)
+    b = write_char_dataset(str(tmp_path / "b"), "abcdefgz\n" * 300)
+    out = str(tmp_path / "out")
+    run_train(out, a, max_iters=2, block_size=8)
+    p = run_train(out, b, max_iters=4, block_size=8, init_from="resume", check=False)
+    assert p.returncode == 1
+    line = one_error_line(p.stderr)
+    assert re.search(r"b's tokenizer \(char, 9 tokens, sha256:\w+\.\.\.\) is not the one .*ckpt.pt was "
+                     r"trained with \(char, 9 tokens", line), line
+    assert run_train(out, a, max_iters=4, block_size=8, init_from="resume", check=False).returncode == 0
 
 
 def write_split_files(d, train, val, meta=None, dtype=np.uint16):
@@ -415,6 +402,7 @@ def rss_mb():
         return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
 
 
+@pytest.mark.slow
 def test_2gb_train_bin_flat_rss(tmp_path):
     """1000 batches spread over a 2 GB train.bin leave resident memory flat (a memmap would
     keep every touched page: 64k windows here, >= 256 MB)."""
@@ -446,9 +434,8 @@ def test_2gb_train_bin_flat_rss(tmp_path):
 # training on a uint32 dataset
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "train.py")),
-                    reason="train.py is not written yet")
 def test_cl100k_dataset_trains(tmp_path):
+    need_tiktoken("cl100k_base")
     (tmp_path / "in.txt").write_text("A few words to train on, over and over.\n" * 200)
     data = tmp_path / "data"
     r = run("data/text/prepare.py", f"--input={tmp_path / 'in.txt'}", "--encoding=cl100k_base",
@@ -462,6 +449,8 @@ def test_cl100k_dataset_trains(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     losses = [float(v) for v in re.findall(r"loss[ =:]+([-+0-9.eE]+|nan|inf)", r.stdout + r.stderr)]
     assert losses and all(math.isfinite(v) for v in losses), r.stdout
+    # an untrained model predicts close to uniformly over its vocabulary
+    assert abs(losses[0] - math.log(100352)) < 0.1, (losses[0], r.stdout)
 
 
 def test_bpe_checkpoint_samples_without_its_data_dir(tmp_path):

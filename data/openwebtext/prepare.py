@@ -7,7 +7,8 @@ and a ~8.5 MB val.bin next to this script (or to --out_dir).
 Resumable: each split is encoded shard by shard (contiguous runs of documents) into
 <split>.bin.partial; after each shard the file is synced and <split>.bin.progress.json records
 the shards and tokens done. Re-running after an interruption cuts the .partial file back to the
-last recorded shard and carries on from there.
+last recorded shard and carries on from there. When both splits are done, train.bin, val.bin and
+meta.json are committed together (dataprep.commit_data_dir).
 
 With datasets >= 4 the hub's loading script for openwebtext no longer runs; if loading fails,
 pass --revision=refs/convert/parquet (the hub's parquet copy) or --hf_dataset=<a parquet copy>.
@@ -17,10 +18,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from configurator import install_error_hook  # noqa: E402
 from dataloader import DataError  # noqa: E402
-from tokenizer import (  # noqa: E402
-    Progress, TiktokenTokenizer, TokenWriter, encode_chunks, run_cli, script_args, write_json,
-    write_meta)
+from dataprep import (TokenWriter, commit_data_dir, dataset_meta, encode_chunks,  # noqa: E402
+                      interruptible, progress, report, script_args, write_json)
+from tokenizer import TiktokenTokenizer  # noqa: E402
 
 DOCS_PER_CHUNK = 1024  # ~5 MB of text per encoder task
 
@@ -39,7 +41,11 @@ def prepare(ds, out_dir, num_proc=8, num_shards=1024, max_shards=None):
         if counts[split] is None:
             print(f"stopped after {max_shards} shards of {split}; re-run to continue")
             return None
-    write_meta(out_dir, tok, counts)
+    meta = dataset_meta(tok, counts)
+    commit_data_dir(out_dir, ["train.bin", "val.bin"], meta)
+    for split in ("train", "val"):
+        os.remove(os.path.join(out_dir, f"{split}.bin.progress.json"))
+    report(out_dir, meta)
     return counts
 
 
@@ -56,36 +62,34 @@ def resume_state(path, num_docs, num_shards):
         return fresh  # a different dataset or sharding: its progress means nothing here
     # uint16: 2 bytes a token. A shard recorded as done is on disk; bytes past it in the
     # .partial file are from a shard that was cut short, and get cut off
-    if state.get("done"):
-        ok = os.path.exists(path) and os.path.getsize(path) == 2 * state["tokens"]
-    else:
-        partial = path + ".partial"
-        ok = os.path.exists(partial) and os.path.getsize(partial) >= 2 * state["tokens"]
+    partial = path + ".partial"
+    size = os.path.getsize(partial) if os.path.exists(partial) else -1
+    ok = size == 2 * state["tokens"] if state.get("done") else size >= 2 * state["tokens"]
     return state if ok else fresh
 
 
 def write_split(ds, path, tok, num_proc, num_shards, max_shards=None):
     state = resume_state(path, len(ds), num_shards)
     if state["done"]:
-        print(f"{path}: already complete ({state['tokens']:,} tokens)")
+        print(f"{path}: already encoded ({state['tokens']:,} tokens)")
         return state["tokens"]
     stop = num_shards if max_shards is None else min(num_shards, state["shards_done"] + max_shards)
     writer = TokenWriter(path, "uint16", resume_tokens=state["tokens"])
-    progress = Progress(f"{os.path.basename(path)}", len(ds), unit="docs")
-    progress.done = state["shards_done"] * len(ds) // num_shards
     chunks = shard_chunks(ds, state["shards_done"], stop, num_shards)
-    for (shard, shard_end), ids, ndocs in encode_chunks(chunks, tok, None, num_proc):
-        writer.write(ids)
-        progress.update(ndocs)
-        if shard_end:
-            writer.sync()  # the data must be durable before the record says it is there
-            state.update(shards_done=shard + 1, tokens=writer.num_tokens)
-            write_json(path + ".progress.json", state)
+    with progress(os.path.basename(path), len(ds), unit="docs",
+                  initial=state["shards_done"] * len(ds) // num_shards) as bar:
+        try:
+            for (shard, shard_end), ids, ndocs in encode_chunks(chunks, tok, num_proc):
+                writer.write(ids)
+                bar.update(ndocs)
+                if shard_end:
+                    writer.sync()  # the data must be durable before the record says it is there
+                    state.update(shards_done=shard + 1, tokens=writer.num_tokens)
+                    write_json(path + ".progress.json", state)
+        finally:
+            writer.close()  # the .partial file stays, for a resume or for the commit
     if stop < num_shards:
-        writer.close()
         return None
-    progress.close()
-    writer.commit()
     state.update(shards_done=num_shards, tokens=writer.num_tokens, done=True)
     write_json(path + ".progress.json", state)
     return writer.num_tokens
@@ -105,13 +109,15 @@ def main():
     args = script_args(__file__, __doc__.strip().split("\n")[0], num_proc=8,
                        hf_dataset="openwebtext", revision=None)
     from datasets import load_dataset
-    try:
-        ds = load_dataset(args.hf_dataset, revision=args.revision, num_proc=args.num_proc)
-    except RuntimeError as e:
-        raise DataError(f"cannot load {args.hf_dataset} ({e}); try "
-                        f"--revision=refs/convert/parquet")
-    prepare(ds["train"], args.out_dir, args.num_proc)
+    with interruptible("the shards done so far are kept: run it again to continue"):
+        try:
+            ds = load_dataset(args.hf_dataset, revision=args.revision, num_proc=args.num_proc)
+        except RuntimeError as e:
+            raise DataError(f"cannot load {args.hf_dataset} ({e}); try "
+                            f"--revision=refs/convert/parquet")
+        prepare(ds["train"], args.out_dir, args.num_proc)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    install_error_hook()
+    main()

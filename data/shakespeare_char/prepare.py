@@ -8,8 +8,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from tokenizer import (  # noqa: E402
-    CharTokenizer, fetch_text, run_cli, script_args, write_dataset)
+from configurator import install_error_hook  # noqa: E402
+from dataprep import fetch_text, script_args, write_dataset  # noqa: E402
+from tokenizer import CharTokenizer  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
@@ -25,4 +26,5 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    install_error_hook()
+    main()
