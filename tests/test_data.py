@@ -434,6 +434,7 @@ def test_2gb_train_bin_flat_rss(tmp_path):
 # training on a uint32 dataset
 
 
+@pytest.mark.slow
 def test_cl100k_dataset_trains(tmp_path):
     need_tiktoken("cl100k_base")
     (tmp_path / "in.txt").write_text("A few words to train on, over and over.\n" * 200)
@@ -453,6 +454,7 @@ def test_cl100k_dataset_trains(tmp_path):
     assert abs(losses[0] - math.log(100352)) < 0.1, (losses[0], r.stdout)
 
 
+@pytest.mark.slow
 def test_bpe_checkpoint_samples_without_its_data_dir(tmp_path):
     # the checkpoint embeds tokenizer.json, so sample.py decodes after the data dir is gone
     text = "To be, or not to be, that is the question. Whether tis nobler in the mind.\n" * 100

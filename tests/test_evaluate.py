@@ -25,7 +25,8 @@ import evaluate  # noqa: E402
 from dataloader import DataError, get_batch, open_dataset  # noqa: E402
 from metrics import MetricsLogger  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import CharTokenizer, TiktokenTokenizer, train_bpe, write_dataset  # noqa: E402
+from dataprep import write_dataset  # noqa: E402
+from tokenizer import CharTokenizer, TiktokenTokenizer, train_bpe  # noqa: E402
 
 EVALUATE = os.path.join(REPO, "evaluate.py")
 CPU = dict(ctx=nullcontext(), device="cpu")
