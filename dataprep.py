@@ -553,21 +553,27 @@ def script_args(script_file, description, url=None, argv=None, **options):
     return p.parse_args(argv)
 
 
+def download(url, path):
+    """url to path, through a temporary file of this process so that no rank reads half a file."""
+    import urllib.request
+    print(f"downloading {url} to {path}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            data = r.read()
+    except OSError as e:
+        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}); put the file at {path} "
+                        f"and re-run")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def fetch_text(path, url):
     """The text at path, downloading it from url first if the file is missing."""
     if not os.path.exists(path):
-        import urllib.request
-        print(f"downloading {url} to {path}")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r:
-                data = r.read()
-        except OSError as e:
-            raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}); put the "
-                            f"file at {path} and re-run")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(path + ".tmp", path)
+        download(url, path)
     with open(path, encoding="utf-8", newline="") as f:
         return f.read()
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from configurator import ConfigError, configure, install_error_hook  # noqa: E402
 from dataloader import DataError, get_batch  # noqa: E402
+from dataprep import download  # noqa: E402
 from tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, tokenizer_from_meta  # noqa: E402
 
 EVAL_SEED = 0  # eval windows do not depend on the run's seed, so runs with different seeds compare
@@ -219,23 +220,6 @@ def score_multiple_choice(model, encoded, batch_size, ctx, device, rank=0, world
 
 # -----------------------------------------------------------------------------
 # tasks
-
-def download(url, path):
-    """url to path, through a temporary file of this process so that no rank reads half a file."""
-    import urllib.request
-    print(f"downloading {url} to {path}", file=sys.stderr)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r:
-            data = r.read()
-    except OSError as e:
-        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}); put the file at {path} "
-                        f"and re-run")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
 
 def load_hellaswag(path, url=HELLASWAG_URL):
     """HellaSwag's validation split as [{'ctx', 'endings', 'label'}] (10,042 examples in the
