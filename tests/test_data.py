@@ -18,7 +18,7 @@ import torch
 from dataloader import (BatchLoader, DataError, TokenFile, check_same_tokenizer, get_batch,
                         load_meta, open_dataset)
 from tokenizer import CharTokenizer, get_tokenizer, load_tokenizer, tokenizer_from_meta
-from trainutil import corpus_text, one_error_line
+from trainutil import corpus_text, need_tiktoken, one_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOT = "<|endoftext|>"
@@ -27,17 +27,6 @@ EOT = "<|endoftext|>"
 def run(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
-
-
-def need_tiktoken(*names):
-    """Skip (saying what to provide) when tiktoken cannot load an encoding: it is downloaded
-    on first use, and a fresh offline clone has no cache."""
-    for name in names:
-        try:
-            get_tokenizer(name)
-        except DataError:
-            pytest.skip(f"needs tiktoken's {name} encoding: run once online, or set "
-                        f"TIKTOKEN_CACHE_DIR to a cache that holds it")
 
 
 def read_split(data_dir, split):

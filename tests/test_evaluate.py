@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainutil import (REPO, char_data, child_env, corpus_text, free_port, one_error_line,  # noqa: F401
+from trainutil import (REPO, char_data, child_env, corpus_text, free_port, need_tiktoken, one_error_line,  # noqa: F401
                        read_metrics, run_torchrun, run_train)
 
 import evaluate  # noqa: E402
@@ -101,6 +101,7 @@ def test_bpb_on_ascii_chars_is_loss_over_ln2(char_data):
 
 
 def gpt2_dataset(path):
+    need_tiktoken("gpt2")
     tok = TiktokenTokenizer("gpt2")
     docs = [f"Document {i}: café — naïve façade, {i * 7} Straße, 東京は日本の首都です 🙂."
             for i in range(40)]
@@ -137,6 +138,7 @@ TEXT = "Plain ASCII, then café, naïve, 東京, emoji 🙂🎉, and <|endoftext
 
 @pytest.mark.parametrize("encoding", ["gpt2", "cl100k_base"])
 def test_token_byte_lengths_tiktoken(encoding):
+    need_tiktoken(encoding)
     tok = TiktokenTokenizer(encoding)
     table = evaluate.token_byte_lengths(tok)
     ids = tok.encode(TEXT * 3)
@@ -201,6 +203,7 @@ def hf_reference(reference, enc, examples, block_size):
 def test_scorer_matches_transformers(hf_gpt2, tmp_path):
     model, reference = hf_gpt2
     examples = evaluate.load_hellaswag(write_hellaswag(tmp_path / "hs.jsonl", GPT2_EXAMPLES))
+    need_tiktoken("gpt2")
     tok = TiktokenTokenizer("gpt2")
     encoded, left_out = evaluate.encode_examples(examples, tok, 64)
     assert left_out == 0 and len(tok.encode(examples[-1]["ctx"])) > 64, "the long context is cut, not left out"
@@ -214,6 +217,7 @@ def test_scorer_matches_transformers(hf_gpt2, tmp_path):
 
 def test_batched_scoring_equals_one_at_a_time(hf_gpt2, tmp_path):
     model, _ = hf_gpt2
+    need_tiktoken("gpt2")
     examples = evaluate.load_hellaswag(write_hellaswag(tmp_path / "hs.jsonl", GPT2_EXAMPLES))
     encoded, _ = evaluate.encode_examples(examples, TiktokenTokenizer("gpt2"), 64)
     rows = [row for _, endings in encoded for row in endings]
@@ -225,8 +229,10 @@ def test_batched_scoring_equals_one_at_a_time(hf_gpt2, tmp_path):
                 == evaluate.score_multiple_choice(model, encoded, 1, **CPU))
 
 
-def test_char_model_scores_and_leaves_out_what_it_cannot_read(char_data, tmp_path):
-    tok = char_tokenizer(char_data)
+def test_char_model_scores_and_leaves_out_what_it_cannot_read(tmp_path):
+    # a vocabulary that spells every SHORT example, but not '['
+    texts = [f"{ctx} {ctx_b} {' '.join(endings)}" for _, ctx, ctx_b, endings, _ in SHORT] + ["far thirty-two"]
+    tok = CharTokenizer(sorted(set("".join(texts)) - {"["}))
     examples = evaluate.load_hellaswag(write_hellaswag(tmp_path / "hs.jsonl", SHORT + [
         (40, "A [title] with brackets", "", ["no.", "yes."], 0),  # '[' is not in tinyshakespeare
         (41, "Short.", "", ["an ending far longer than the block size of thirty-two characters", "ok."], 1)]))

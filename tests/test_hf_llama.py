@@ -18,7 +18,7 @@ import hf
 from dataloader import DataError
 from model import GPT, GPTConfig
 from tokenizer import HFTokenizer, get_tokenizer, tokenizer_from_meta
-from trainutil import (REPO, child_env, corpus_text, one_error_line, read_metrics, run_torchrun, run_train,
+from trainutil import (REPO, child_env, corpus_text, need_tiktoken, one_error_line, read_metrics, run_torchrun, run_train,
                        step_losses)
 
 transformers = pytest.importorskip("transformers")
@@ -343,6 +343,7 @@ def test_hf_tokenizer_matches_transformers(tmp_path):
 
 
 def test_hf_tokenizer_of_an_imported_dir(tmp_path):
+    need_tiktoken("gpt2")
     assert hf.hf_tokenizer(str(tmp_path)).name == "gpt2"  # a dir without tokenizer.json: GPT-2's
     save_hf_tokenizer(str(tmp_path))
     assert isinstance(hf.hf_tokenizer(str(tmp_path)), HFTokenizer)

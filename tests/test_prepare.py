@@ -23,9 +23,9 @@ import pytest
 
 import dataprep
 from dataloader import DataError, load_meta, open_dataset
-from test_data import ROOT, EOT, load_module, need_tiktoken, nanogpt_char_reference, read_split, run
+from test_data import ROOT, EOT, load_module, nanogpt_char_reference, read_split, run
 from tokenizer import CharTokenizer, load_tokenizer
-from trainutil import corpus_text, one_error_line
+from trainutil import corpus_text, need_tiktoken, one_error_line
 
 PREPARE = "data/text/prepare.py"
 tp = load_module(PREPARE, "text_prepare")

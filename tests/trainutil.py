@@ -27,6 +27,19 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, eval_it
             learning_rate=1e-3, min_lr=1e-4)
 
 
+def need_tiktoken(*names):
+    """Skip (saying what to provide) when tiktoken cannot load an encoding: it is downloaded
+    on first use, and a fresh offline clone has no cache."""
+    from dataloader import DataError
+    from tokenizer import get_tokenizer
+    for name in names:
+        try:
+            get_tokenizer(name)
+        except DataError:
+            pytest.skip(f"needs tiktoken's {name} encoding: run once online, or set "
+                        f"TIKTOKEN_CACHE_DIR to a cache that holds it")
+
+
 def corpus_text():
     """tinyshakespeare if the shared copy is there, else generated English-like text."""
     if os.path.exists(SHAKESPEARE):
