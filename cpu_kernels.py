@@ -4,6 +4,7 @@ counterpart computes (same parameters, same IEEE arithmetic class); they only ch
 the CPU gets there. Why and how much each one pays is measured in the README's benchmarks.
 """
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -12,6 +13,20 @@ from torch.nn import functional as F
 ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
                  if torch.backends.mkldnn.is_available() else None)
 ONEDNN_MIN_ROWS = 32  # fewer rows (decoding) are matrix-vector products, where aten is faster
+
+
+@contextmanager
+def decoding(weight):
+    """For decoding steps of a model with this weight: oneDNN off when it runs in fp32 on the
+    CPU, where at a few rows oneDNN's per-call cost exceeds the work (exact GELU goes
+    through it by default)."""
+    enabled = torch.backends.mkldnn.enabled
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -44,8 +59,8 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         # torch.compile lowers F.linear itself (its oneDNN lowering wants frozen weights)
-        if (ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.numel() >= ONEDNN_MIN_ROWS * x.size(-1)
+        if (x.numel() >= ONEDNN_MIN_ROWS * x.size(-1) and ONEDNN_LINEAR is not None
+                and x.dtype == torch.float32 and x.device.type == "cpu"
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return OneDNNLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cpu_kernels import Linear, attention
+from cpu_kernels import Linear, attention, decoding
 
 WINDOWS = ("exact", "chunked", "sliding")  # generation past block_size, see generate_stream
 RECOMPUTE = ("none", "block", "attn", "mlp")  # activation checkpointing, see GPT.set_recompute
@@ -138,7 +138,7 @@ class CausalSelfAttention(nn.Module):
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         self.c_attn = Linear(config.n_embd, qkv_dim, bias=config.bias)  # q, k, v fused
         self.c_proj = Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
-        self.dropout, self.block_size = config.dropout, config.block_size
+        self.dropout, self.block_size, self.qk_norm = config.dropout, config.block_size, config.qk_norm
         if config.qk_norm:
             self.q_norm, self.k_norm = make_norm(config, self.head_dim), make_norm(config, self.head_dim)
 
@@ -147,7 +147,7 @@ class CausalSelfAttention(nn.Module):
         hs = self.head_dim
         qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, hs).transpose(1, 2)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh|nkv, T, hs)
-        if hasattr(self, "q_norm"):
+        if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -164,8 +164,8 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().triu(1 - self.block_size)
         y = attention(q, k, v, mask, past == 0 and T > 1 and mask is None,
                       self.dropout if self.training else 0.0, self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * hs)
-        return F.dropout(self.c_proj(y), self.dropout, self.training)
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hs))
+        return F.dropout(y, self.dropout) if self.training else y
 
 
 class MLP(nn.Module):
@@ -194,15 +194,8 @@ class MLP(nn.Module):
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        return F.dropout(self.c_proj(h), self.dropout, self.training)
-
-
-def recomputed(f, *args):
-    """f(*args) keeping none of its activations for backward, which recomputes them from args
-    (with the RNG state of the forward, so the same dropout masks): activation checkpointing."""
-    if not torch.is_grad_enabled():
-        return f(*args)
-    return checkpoint(f, *args, use_reentrant=False)
+        h = self.c_proj(h)
+        return F.dropout(h, self.dropout) if self.training else h
 
 
 class Block(nn.Module):
@@ -215,15 +208,22 @@ class Block(nn.Module):
         self.recompute = "none"  # activation checkpointing, see GPT.set_recompute
 
     def forward(self, x, rope=None, kv_cache=None):
-        if self.recompute == "block":
-            return recomputed(self.sublayers, x, rope, kv_cache)
-        return self.sublayers(x, rope, kv_cache)
+        if self.recompute != "none" and torch.is_grad_enabled():
+            return self.checkpointed(x, rope)
+        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+        return x + self.mlp(self.ln_2(x))
 
-    def sublayers(self, x, rope, kv_cache):
-        attn = lambda x: self.attn(self.ln_1(x), rope, kv_cache)  # noqa: E731
-        mlp = lambda x: self.mlp(self.ln_2(x))  # noqa: E731
-        x = x + (recomputed(attn, x) if self.recompute == "attn" else attn(x))
-        return x + (recomputed(mlp, x) if self.recompute == "mlp" else mlp(x))
+    def checkpointed(self, x, rope):
+        """forward() keeping for backward only the input of the part self.recompute names (the
+        'block', 'attn' or 'mlp'); backward recomputes the rest, with the forward's RNG state,
+        so with the same dropout masks."""
+        attn = lambda x: x + self.attn(self.ln_1(x), rope)  # noqa: E731
+        mlp = lambda x: x + self.mlp(self.ln_2(x))  # noqa: E731
+        if self.recompute == "block":
+            return checkpoint(lambda x: mlp(attn(x)), x, use_reentrant=False)
+        if self.recompute == "attn":
+            return mlp(checkpoint(attn, x, use_reentrant=False))
+        return checkpoint(mlp, attn(x), use_reentrant=False)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -392,14 +392,15 @@ class GPT(nn.Module):
         seq[:, :T] = idx
         cache = None
         for L in range(T, T + max_new_tokens):  # L tokens so far
-            if not use_cache:
-                logits, _ = self(seq[:, 0 if sliding else max(0, L - bs):L], sliding=sliding)
-            elif cache is not None and (cache.pos < bs or sliding):
-                logits, _ = self(seq[:, L - 1:L], kv_cache=cache, sliding=sliding)
-            else:
-                keep = bs if (window != "chunked" or L <= bs) else max(1, bs // 2)
-                cache = KVCache(self.config.n_layer)
-                logits, _ = self(seq[:, max(0, L - keep):L], kv_cache=cache)
+            with decoding(self.lm_head.weight):
+                if not use_cache:
+                    logits, _ = self(seq[:, 0 if sliding else max(0, L - bs):L], sliding=sliding)
+                elif cache is not None and (cache.pos < bs or sliding):
+                    logits, _ = self(seq[:, L - 1:L], kv_cache=cache, sliding=sliding)
+                else:
+                    keep = bs if (window != "chunked" or L <= bs) else max(1, bs // 2)
+                    cache = KVCache(self.config.n_layer)
+                    logits, _ = self(seq[:, max(0, L - keep):L], kv_cache=cache)
             next_token = sample_next(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
             seq[:, L:L + 1] = next_token
             yield next_token

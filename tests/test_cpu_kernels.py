@@ -97,3 +97,18 @@ def test_dropout_attention_gradients_and_masks(small_slices):
     ones = torch.ones(8, 4, 64, 8, dtype=torch.float64)
     y = small_slices.apply(torch.zeros_like(ones), torch.zeros_like(ones), ones, 0.3, 1)
     assert abs(y[:, :, 16:].mean().item() - 1.0) < 0.02
+
+
+def test_decoding_turns_onednn_off_for_fp32_cpu_steps_only():
+    from cpu_kernels import decoding
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.mkldnn.enabled))
+    model.generate(torch.zeros(1, 1, dtype=torch.long), 3)
+    assert seen == [False] * 3 and torch.backends.mkldnn.enabled  # restored after each step
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls need oneDNN
+        with decoding(model.lm_head.weight):
+            assert torch.backends.mkldnn.enabled
+    with decoding(model.lm_head.weight.double()):
+        assert torch.backends.mkldnn.enabled
