@@ -27,6 +27,8 @@ TINY_TRAIN = ("--device=cpu --compile=False --n_layer=1 --n_head=2 --n_embd=32 -
 TINY_SAMPLE = "--device=cpu --max_new_tokens=8"
 TINY_EVALUATE = "--device=cpu --eval_iters=1 --max_examples=2"
 TINY_BENCH_SAMPLE = "--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --tokens=40 --repeats=1"
+TINY_BENCH_TRAIN = ("--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --batch_size=2 --max_iters=3 "
+                    "--warmup=1 --rounds=1")
 TINY_BENCH_QUALITY = "--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --max_iters=4 --eval_interval=2 --eval_iters=1"
 SKIPS = [  # (a part of the command, why it cannot run here)
     ("python -m pytest", "the test suite itself"), ("bash .ci/run", "the test suite itself"),
@@ -75,6 +77,8 @@ def plan_part(part):
         return "run", f"{part} {TINY_BENCH_SAMPLE}"
     if "bench.py --quality" in part:
         return "run", f"{part} {TINY_BENCH_QUALITY}"
+    if "bench.py" in part:
+        return "run", f"{part} {TINY_BENCH_TRAIN}"
     if re.search(r"\btrain\.py\b", part) and "--help" not in part:
         return "run", f"{part} {TINY_TRAIN}"
     if "sample.py" in part:
