@@ -359,14 +359,12 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         generator=None, use_cache=True, window="exact", vocab_limit=None):
-        """Yield the next token for every row, (B, 1), max_new_tokens times. idx (B, T) must
-        hold at most block_size tokens. With the cache, the prompt is prefilled once and each
-        step feeds one token. Past block_size, window='exact' gives what a forward over the
-        last block_size tokens gives (the cache recomputes that window every step: learned
-        positions shift, so every cached key changes); 'chunked' keeps the last half block,
-        re-prefills it and decodes from the cache again (faster, a shorter context);
-        'sliding' (RoPE) keeps decoding from the cache, each token attending to the last
-        block_size tokens in every layer, as forward() does for a longer sequence.
+        """Yield the next token for every row, (B, 1), max_new_tokens times; idx (B, T) holds at
+        most block_size tokens. The prompt is prefilled into a KV cache once, then each step
+        feeds one token. Past block_size, window='exact' is a forward over the last block_size
+        tokens (learned positions change every cached key, so the window is recomputed);
+        'chunked' keeps the last half block and re-prefills (faster, a shorter context);
+        'sliding' (RoPE) keeps decoding from the cache, as forward(sliding=True) computes.
         vocab_limit: sample only ids below it (a padded vocabulary has ids no tokenizer knows)."""
         if window not in WINDOWS:
             raise ValueError(f"window={window!r} is not one of {WINDOWS}")

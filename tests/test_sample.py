@@ -129,6 +129,14 @@ def test_readme_stop_blank_line_command(tmp_path):
     assert sorted(samples_of(p)) == sorted("a" + cut(g, "\n\n") for g in generated)
 
 
+def test_stop_reads_escape_sequences():
+    import sample
+    assert sample.unescape(r"\n\n") == "\n\n" and sample.unescape(r"a\tb\\") == "a\tb\\"
+    assert sample.unescape("\n\n") == "\n\n" and sample.unescape("été 日本\\n") == "été 日本\n"
+    with pytest.raises(sample.SampleError, match="backslash"):
+        sample.unescape("end\\")
+
+
 def test_ckpt_auto_prefers_best(out_dir, tmp_path):
     path, model = out_dir
     best = char_model(1)
