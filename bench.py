@@ -27,7 +27,8 @@ their best val loss and to a target, A B A B ...:
         config/speedrun_shakespeare_char_cpu.py --device=cpu
 
 Sampling speed with and without the KV cache (model size as --n_layer=... etc.), and
-against nanoGPT's generate on the same weights (DIR is a karpathy/nanoGPT checkout):
+against nanoGPT's generate on the same weights (DIR is a karpathy/nanoGPT checkout); each
+case runs in a fresh process, as sample.py would:
 
     python bench.py --sample [--num_samples=1] [--repeats=3] [--tokens=500] [--nanogpt=DIR]
 
@@ -475,6 +476,26 @@ def check_tokens(models, prompt, cases, outputs, args):
     return checks
 
 
+def timed_case(models, prompt, case, args):
+    """(seconds, tokens) of one generation after a short warm-up (first calls allocate and
+    pick kernels)."""
+    time_generate(models[case[1]], prompt, (*case[:2], 4, *case[3:]), args, args.seed)
+    return time_generate(models[case[1]], prompt, case, args, args.seed)
+
+
+def fresh_process_case(i, args):
+    """timed_case for case i in a new Python process, as a user's sample.py runs: in one long
+    process, a long case left the allocator and caches in a state that slowed the next
+    cases (nanoGPT's generate by 10-15%)."""
+    import torch
+    argv = [sys.executable, os.path.abspath(__file__), *args.argv, f"--case={i}"]
+    p = subprocess.run(argv, capture_output=True, text=True)
+    if p.returncode:
+        fail(p.returncode, argv, p.stdout + p.stderr)
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    return result["seconds"], torch.tensor(result["tokens"])
+
+
 def bench_sample(overrides, args):
     import torch
     if args.nanogpt and not args.temperature:
@@ -482,12 +503,15 @@ def bench_sample(overrides, args):
     models = sample_models(overrides, args.seed, args.nanogpt)
     cases = sample_cases(models["gpt"].config.block_size, args.tokens, args.nanogpt)
     prompt = torch.zeros((args.num_samples, 1), dtype=torch.long)
-    for case in cases:  # warm-up: first calls allocate and pick kernels
-        time_generate(models[case[1]], prompt, (*case[:2], 4, *case[3:]), args, args.seed)
+    if args.case is not None:  # one case for a parent bench.py, as JSON on the last line
+        seconds, out = timed_case(models, prompt, cases[args.case], args)
+        print(json.dumps({"seconds": seconds, "tokens": out.tolist()}))
+        return None
     times, outputs = {c[0]: [] for c in cases}, []
     for rep in range(args.repeats):  # interleaved: every case sees the same machine noise
-        for case in cases:
-            seconds, out = time_generate(models[case[1]], prompt, case, args, args.seed)
+        for i, case in enumerate(cases):
+            seconds, out = (timed_case(models, prompt, case, args) if args.in_process
+                            else fresh_process_case(i, args))
             times[case[0]].append(args.num_samples * case[2] / seconds)
             if rep == 0:
                 outputs.append(out)
@@ -497,7 +521,8 @@ def bench_sample(overrides, args):
     print_sample(models["gpt"], cases, times, checks, args)
     return {"mode": "sample", "config": vars(models["gpt"].config), "num_samples": args.num_samples,
             "temperature": args.temperature, "top_k": args.top_k, "threads": torch.get_num_threads(),
-            "tokens_per_s": times, "median_tokens_per_s": {k: statistics.median(v) for k, v in times.items()},
+            "in_process": args.in_process, "tokens_per_s": times,
+            "median_tokens_per_s": {k: statistics.median(v) for k, v in times.items()},
             "speedups": sample_speedups(cases, times), "token_checks": checks}
 
 
@@ -557,6 +582,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=1337, help="--sample: weights and sampling")
     p.add_argument("--temperature", type=float, default=0.8, help="--sample: 0 = greedy")
     p.add_argument("--top_k", type=int, default=200, help="--sample: 0 = no limit")
+    p.add_argument("--in_process", action="store_true", help="--sample: time every case in this "
+                   "process (a faster start, but a long case can slow the ones after it)")
+    p.add_argument("--case", type=int, help=argparse.SUPPRESS)  # one case, in a child process
     p.add_argument("--nanogpt", metavar="DIR", help="--sample: also time nanoGPT's generate (DIR/model.py) "
                    "on the same weights")
     p.add_argument("--json", help="also write the numbers to this file")
@@ -578,8 +606,11 @@ def sample_overrides(rest):
 
 def main(argv):
     args, rest = parse_args(argv)
+    args.argv = argv
     if args.sample:
         report = bench_sample(sample_overrides(rest), args)
+        if report is None:
+            return
     elif args.quality:
         if not args.compare:
             raise UserError("--quality needs --compare A B (two settings to time)")

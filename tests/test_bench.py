@@ -20,7 +20,7 @@ TINY_TRAIN = ["--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2", "-
               "--block_size=16", "--batch_size=4", "--gradient_accumulation_steps=1",
               "--warmup_iters=2", "--max_iters=8", "--warmup=2"]
 TINY_SAMPLE = ["--sample", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
-               "--tokens=40", "--repeats=2"]
+               "--tokens=40", "--repeats=2", "--in_process"]
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,7 @@ def test_compare_external_command(tiny_data, tmp_path):
     assert "B/A tokens/s:" in out
 
 
-def test_sample(tmp_path):
-    out, report = run_bench(*TINY_SAMPLE, tmp_path=tmp_path)
+def check_sample_report(out, report):
     speeds = report["median_tokens_per_s"]
     assert set(speeds) == {"31 new, KV cache", "31 new, no cache", "40 new, cache exact",
                            "40 new, cache chunked", "40 new, no cache", "40 new, RoPE, cache sliding",
@@ -95,6 +94,18 @@ def test_sample(tmp_path):
     # sampled tokens with the cache equal those of full recomputation (same seed)
     assert [c["ok"] for c in report["token_checks"]] == [True, True, True]
     assert out.count("token check") == 3 and "DIFFER" not in out
+
+
+def test_sample(tmp_path):
+    check_sample_report(*run_bench(*TINY_SAMPLE, tmp_path=tmp_path))
+
+
+@pytest.mark.slow
+def test_sample_each_case_in_a_fresh_process(tmp_path):
+    args = [a for a in TINY_SAMPLE if a not in ("--in_process", "--repeats=2")] + ["--repeats=1"]
+    out, report = run_bench(*args, tmp_path=tmp_path, timeout=300)
+    assert report["in_process"] is False
+    check_sample_report(out, report)
 
 
 def test_log_parsing():
