@@ -31,6 +31,7 @@ against nanoGPT's generate on the same weights (DIR is a karpathy/nanoGPT checko
 case runs in a fresh process, as sample.py would:
 
     python bench.py --sample [--num_samples=1] [--repeats=3] [--tokens=500] [--nanogpt=DIR]
+    python bench.py --sample --profile      # where a token's time goes, by kind of op
 
 Every mode prints a table; --json PATH also writes the numbers.
 """
@@ -409,7 +410,10 @@ def sample_models(overrides, seed, nanogpt):
     models = {}
     for name, pos_emb in (("gpt", config.get("pos_emb", "learned")), ("rope", "rope")):
         torch.manual_seed(seed)
-        models[name] = GPT(GPTConfig(**{**config, "pos_emb": pos_emb})).eval()
+        try:
+            models[name] = GPT(GPTConfig(**{**config, "pos_emb": pos_emb})).eval()
+        except ValueError as e:  # the settings' own mistake, e.g. n_embd not divisible by n_head
+            raise UserError(f"--sample model settings: {e}") from None
     if nanogpt:
         models["nanogpt"] = nanogpt_model(nanogpt, models["gpt"])
     return models
@@ -496,6 +500,37 @@ def fresh_process_case(i, args):
     return result["seconds"], torch.tensor(result["tokens"])
 
 
+# aten ops by what they do in a decoding step, matched in their names; the rest of a
+# token's time is other ops (residual adds, views, allocations) and Python
+OP_KINDS = {"matmuls": ("addmm", "aten::mm", "addmv", "aten::mv", "bmm"),
+            "attention": ("scaled_dot_product", "flash_attention"),
+            "norms": ("layer_norm", "rms_norm"), "activation": ("gelu", "silu", "relu"),
+            "copies (KV cache, output)": ("copy_",),
+            "sampling": ("exponential_", "argmax", "softmax", "topk", "clamp_min_", "gather", "cumsum", "div")}
+
+
+def profile_case(models, prompt, case, args):
+    """Where a token's time goes in `case`: self CPU time of its aten ops under torch.profiler,
+    by OP_KINDS, per token; everything else (other ops, Python, dispatch, the profiler's own
+    cost) is the profiled wall time minus the ops'."""
+    from torch.profiler import ProfilerActivity, profile
+    seconds = timed_case(models, prompt, case, args)[0]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        profiled = time_generate(models[case[1]], prompt, case, args, args.seed)[0]
+    kinds = dict.fromkeys([*OP_KINDS, "other ops"], 0.0)
+    for event in prof.key_averages():
+        kind = next((k for k, names in OP_KINDS.items() if any(n in event.key for n in names)), "other ops")
+        kinds[kind] += event.self_cpu_time_total / 1e6
+    kinds["Python, dispatch and profiler"] = profiled - sum(kinds.values())
+    per_token = {k: 1000 * v / case[2] for k, v in kinds.items()}
+    print(f"{case[0]}: {1000 * seconds / case[2]:.3f} ms/token, {1000 * profiled / case[2]:.3f} under "
+          f"the profiler, of which (ms/token):")
+    for kind, ms in per_token.items():
+        print(f"  {kind:<32}{ms:>8.3f}")
+    return {"mode": "sample_profile", "case": case[0], "ms_per_token": 1000 * seconds / case[2],
+            "profiled_ms_per_token": 1000 * profiled / case[2], "profile_ms_per_token": per_token}
+
+
 def bench_sample(overrides, args):
     import torch
     if args.nanogpt and not args.temperature:
@@ -503,6 +538,8 @@ def bench_sample(overrides, args):
     models = sample_models(overrides, args.seed, args.nanogpt)
     cases = sample_cases(models["gpt"].config.block_size, args.tokens, args.nanogpt)
     prompt = torch.zeros((args.num_samples, 1), dtype=torch.long)
+    if args.profile:
+        return profile_case(models, prompt, cases[0], args)
     if args.case is not None:  # one case for a parent bench.py, as JSON on the last line
         seconds, out = timed_case(models, prompt, cases[args.case], args)
         print(json.dumps({"seconds": seconds, "tokens": out.tolist()}))
@@ -584,6 +621,8 @@ def parse_args(argv):
     p.add_argument("--top_k", type=int, default=200, help="--sample: 0 = no limit")
     p.add_argument("--in_process", action="store_true", help="--sample: time every case in this "
                    "process (a faster start, but a long case can slow the ones after it)")
+    p.add_argument("--profile", action="store_true", help="--sample: where a token's time goes with "
+                   "the KV cache (torch.profiler, in this process)")
     p.add_argument("--case", type=int, help=argparse.SUPPRESS)  # one case, in a child process
     p.add_argument("--nanogpt", metavar="DIR", help="--sample: also time nanoGPT's generate (DIR/model.py) "
                    "on the same weights")

@@ -87,6 +87,18 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.size(-1),), self.weight, eps=self.eps)
 
 
+def norm(x, params, name, config):
+    """What the norm module `name` (make_norm's) computes, from its parameters in `params`."""
+    weight = params[name + ".weight"]
+    if config.norm == "rmsnorm":
+        return F.rms_norm(x, (x.size(-1),), weight, config.norm_eps)
+    return F.layer_norm(x, (x.size(-1),), weight, params.get(name + ".bias"), config.norm_eps)
+
+
+def linear(x, params, name):
+    return F.linear(x, params[name + ".weight"], params.get(name + ".bias"))
+
+
 def make_norm(config, ndim=None):
     ndim = ndim or config.n_embd
     if config.norm == "rmsnorm":
@@ -168,6 +180,18 @@ class CausalSelfAttention(nn.Module):
         return F.dropout(y, self.dropout) if self.training else y
 
 
+def activate(kind, h):
+    """The MLP's nonlinearity (config.mlp) on the output of its first projection."""
+    if kind == "gelu":
+        return F.gelu(h, approximate="tanh")  # GPT-2's GELU, so HF logits match
+    if kind == "gelu_exact":
+        return F.gelu(h)
+    if kind == "relu2":
+        return F.relu(h).square()
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -184,17 +208,7 @@ class MLP(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x):
-        h = self.c_fc(x)
-        if self.kind == "gelu":
-            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU, so HF logits match
-        elif self.kind == "gelu_exact":
-            h = F.gelu(h)
-        elif self.kind == "relu2":
-            h = F.relu(h).square()
-        else:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        h = self.c_proj(h)
+        h = self.c_proj(activate(self.kind, self.c_fc(x)))
         return F.dropout(h, self.dropout) if self.training else h
 
 
@@ -307,15 +321,11 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache)
-        x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.pos += T
         if targets is None and not all_logits:
             x = x[:, -1:, :]
-        logits = self.lm_head(x)  # (B, T, vocab_size)
-        if self.config.logit_softcap:
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
+        logits = self.head(x)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -330,6 +340,44 @@ class GPT(nn.Module):
             raise ValueError(f"recompute={what!r} is not one of {RECOMPUTE}")
         for block in self.transformer.h[:-1]:
             block.recompute = what
+
+    def decode_params(self):
+        """Per block, its parameters by name ('attn.c_attn.weight', ...), as decode() reads them."""
+        return [dict(block.named_parameters()) for block in self.transformer.h]
+
+    def decode(self, token, cache, params):
+        """Logits (B, 1, V) for token (B, 1) after the tokens in cache: forward() in eval mode
+        for one position, written over plain tensors (params from decode_params()). At batch 1
+        a step's matmuls are small, so the modules' calls and parameter lookups would be a large
+        share of its time (bench.py --sample --profile)."""
+        cfg, pos, B = self.config, cache.pos, token.size(0)
+        nh, nkv, hs = cfg.n_head, cfg.kv_heads, cfg.head_size
+        x = F.embedding(token, self.transformer.wte.weight)  # (B, 1, C)
+        rope = self.rope_at(pos, 1) if cfg.pos_emb == "rope" else None
+        if rope is None:
+            x = x + self.transformer.wpe.weight[pos]
+        for layer, p in enumerate(params):
+            qkv = linear(norm(x, p, "ln_1", cfg), p, "attn.c_attn").view(B, nh + 2 * nkv, 1, hs)
+            q, k, v = qkv.split([nh, nkv, nkv], dim=1)  # (B, nh|nkv, 1, hs)
+            if cfg.qk_norm:
+                q, k = norm(q, p, "attn.q_norm", cfg), norm(k, p, "attn.k_norm", cfg)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            k, v = cache.update(layer, k, v, cfg.block_size)
+            y = attention(q, k, v, None, False, 0.0, nkv != nh)  # one query sees the whole cache
+            x = x + linear(y.view(B, 1, nh * hs), p, "attn.c_proj")  # (B, nh, 1, hs) as (B, 1, nh*hs)
+            h = activate(cfg.mlp, linear(norm(x, p, "ln_2", cfg), p, "mlp.c_fc"))
+            x = x + linear(h, p, "mlp.c_proj")
+        cache.pos += 1
+        return self.head(x)
+
+    def head(self, x):
+        """Logits (B, T, vocab_size) from the last block's output."""
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def rope_at(self, pos, T):
         """cos and sin for positions pos..pos+T-1, the tables extended past block_size on demand."""
@@ -388,13 +436,15 @@ class GPT(nn.Module):
             raise ValueError(f"prompt of {T} tokens exceeds block_size {bs}")
         seq = idx.new_empty(B, T + max_new_tokens)  # the whole output, filled in place
         seq[:, :T] = idx
-        cache = None
+        cache, params = None, self.decode_params()
         for L in range(T, T + max_new_tokens):  # L tokens so far
             with decoding(self.lm_head.weight):
                 if not use_cache:
                     logits, _ = self(seq[:, 0 if sliding else max(0, L - bs):L], sliding=sliding)
                 elif cache is not None and (cache.pos < bs or sliding):
-                    logits, _ = self(seq[:, L - 1:L], kv_cache=cache, sliding=sliding)
+                    step = seq[:, L - 1:L]  # dropout, if training, needs the modules
+                    logits = self(step, kv_cache=cache, sliding=sliding)[0] if self.training \
+                        else self.decode(step, cache, params)
                 else:
                     keep = bs if (window != "chunked" or L <= bs) else max(1, bs // 2)
                     cache = KVCache(self.config.n_layer)

@@ -202,7 +202,8 @@ def prepare_model(model, tok, device, compile_model, window="exact"):
         raise SampleError("window='sliding' needs a RoPE model (pos_emb='rope'); this one has learned "
                           "positions: use window='exact' or 'chunked'")
     if compile_model:
-        model.compile(dynamic=True)  # in place, so generate_stream's self(...) calls are compiled
+        model.compile(dynamic=True)  # in place: the prefill's self(...) calls
+        model.decode = torch.compile(model.decode, dynamic=True)  # and each token's step
     return model
 
 

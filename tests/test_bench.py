@@ -100,6 +100,17 @@ def test_sample(tmp_path):
     check_sample_report(*run_bench(*TINY_SAMPLE, tmp_path=tmp_path))
 
 
+def test_sample_profile(tmp_path):
+    out, report = run_bench("--sample", "--profile", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32",
+                            tmp_path=tmp_path)
+    parts = report["profile_ms_per_token"]
+    # every kind of op a decoding step runs was found by name, and the ops fit in the wall time
+    assert all(parts[kind] > 0 for kind in bench.OP_KINDS)
+    assert sum(parts.values()) == pytest.approx(report["profiled_ms_per_token"])
+    assert parts["Python, dispatch and profiler"] > 0
+    assert "31 new, KV cache" in out and "matmuls" in out
+
+
 @pytest.mark.slow
 def test_sample_each_case_in_a_fresh_process(tmp_path):
     args = [a for a in TINY_SAMPLE if a not in ("--in_process", "--repeats=2")] + ["--repeats=1"]

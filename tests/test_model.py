@@ -29,6 +29,7 @@ ARCHS = {
     "untied": dict(tie_embeddings=False),
     "no_bias": dict(bias=False),
     "softcap": dict(logit_softcap=0.5),
+    "head_dim": dict(head_dim=12, n_kv_head=2),  # Qwen3: heads wider than n_embd / n_head
     "llama_like": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qk_norm=True,
                        tie_embeddings=False, bias=False, logit_softcap=2.0),
 }
@@ -77,6 +78,32 @@ def test_cached_logits_equal_full_forward(arch):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="block_size"):
         model(prompts(2, BLOCK - 19), kv_cache=cache)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_step_equals_forward(arch):
+    """decode() is forward() for one cached token, over plain tensors: the same logits."""
+    model = tiny_model(**ARCHS[arch])
+    idx = prompts(2, 12)
+    caches = [KVCache(model.config.n_layer) for _ in range(2)]
+    for cache in caches:
+        model(idx[:, :5], kv_cache=cache)
+    params = model.decode_params()
+    for t in range(5, 12):
+        want, _ = model(idx[:, t:t + 1], kv_cache=caches[0])
+        torch.testing.assert_close(model.decode(idx[:, t:t + 1], caches[1], params), want, rtol=0, atol=1e-12)
+    assert caches[1].pos == 12
+
+
+def test_training_mode_generation_steps_through_forward():
+    """Dropout lives in the modules, so a model in training mode decodes with forward()."""
+    model = tiny_model(dropout=0.5).train()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].size(1)))
+    model.generate(prompts(1, 3), 5, generator=torch.Generator().manual_seed(0))
+    assert calls == [3, 1, 1, 1, 1]
+    model.eval().generate(prompts(1, 3), 5)
+    assert calls[5:] == [3]  # then decode() takes the steps
 
 
 SAMPLINGS = [("gpt2", dict(top_k=5)), ("gpt2", dict(top_p=0.7))] + [
@@ -261,8 +288,9 @@ def replayed(model, seq, prompt_len, generator, **sampling):
 def test_sliding_cache_equals_full_recomputation(arch, sampling):
     model = tiny_model(**ARCHS[arch])
     idx = prompts(3, 7)
-    calls = []
+    calls, decode = [], model.decode
     model.register_forward_pre_hook(lambda module, args: calls.append(args[0].size(1)))
+    model.decode = lambda token, *rest: calls.append(token.size(1)) or decode(token, *rest)
     seq = model.generate(idx, 500, window="sliding", generator=torch.Generator().manual_seed(5), **sampling)
     assert seq.shape == (3, 507) and calls == [7] + [1] * 499  # one prefill, never a recompute
     want = replayed(model, seq, 7, torch.Generator().manual_seed(5), **sampling)

@@ -84,6 +84,15 @@ def test_greedy_equals_generate(out_dir):
     assert "ckpt.pt" in p.stderr  # the only checkpoint there
 
 
+@pytest.mark.slow
+def test_compiled_greedy_equals_generate(out_dir):
+    """--compile=True compiles the prefill and the per-token decode step: same tokens."""
+    path, model = out_dir
+    p = run_sample(f"--out_dir={path}", "--start=to be", "--temperature=0", "--num_samples=1",
+                   "--max_new_tokens=40", "--compile=True", cwd=path)
+    assert samples_of(p) == ["to be" + reference(model, "to be", 40, temperature=0)[0]]
+
+
 def test_streaming_stops_at_stop_string(out_dir):
     path, model = out_dir
     generated = reference(model, "hi", 60, temperature=1.0, top_k=200)[0]
