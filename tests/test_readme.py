@@ -21,7 +21,7 @@ README = os.path.join(REPO, "README.md")
 COMMAND = re.compile(r"^    (python|torchrun|pip|bash|hf |NANO)")
 # appended to every train.py run: a tiny model, two iterations, and a fresh start in an out_dir
 # that an earlier command of the README already trained into
-TINY_TRAIN = ("--device=cpu --compile=False --n_layer=1 --n_head=2 --n_embd=32 --block_size=32 "
+TINY_TRAIN = ("--device=cpu --compile=False --n_layer=1 --n_head=2 --n_kv_head=0 --n_embd=32 --block_size=32 "
               "--batch_size=2 --gradient_accumulation_steps=2 --max_iters=2 --eval_interval=2 "
               "--eval_iters=1 --warmup_iters=1 --lr_decay_iters=2 --overwrite=True")
 TINY_SAMPLE = "--device=cpu --max_new_tokens=8"
