@@ -10,8 +10,28 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+
+def cpu_vendor(cpuinfo="/proc/cpuinfo"):
+    """The x86 vendor id ('GenuineIntel', 'AuthenticAMD') from /proc/cpuinfo; '' elsewhere."""
+    try:
+        with open(cpuinfo) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
 ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
                  if torch.backends.mkldnn.is_available() else None)
+
+
+def onednn_fp32(vendor):
+    """Whether Linear's fp32 matmuls go through oneDNN on this CPU vendor. aten's are MKL's on
+    x86, which takes its fast paths on Intel CPUs only: oneDNN trains faster on an AMD EPYC
+    and slower on an Intel Xeon (BENCHMARKS.md)."""
+    return ONEDNN_LINEAR is not None and vendor == "AuthenticAMD"
+
+
+ONEDNN_FP32 = onednn_fp32(cpu_vendor())
 ONEDNN_MIN_ROWS = 32  # fewer rows (decoding) are matrix-vector products, where aten is faster
 
 
@@ -55,11 +75,11 @@ class OneDNNLinear(torch.autograd.Function):
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and names) whose fp32 CPU matmuls of ONEDNN_MIN_ROWS rows or
-    more go through oneDNN instead of aten's BLAS."""
+    more go through oneDNN instead of aten's BLAS where ONEDNN_FP32 says so."""
 
     def forward(self, x):
         # torch.compile lowers F.linear itself (its oneDNN lowering wants frozen weights)
-        if (x.numel() >= ONEDNN_MIN_ROWS * x.size(-1) and ONEDNN_LINEAR is not None
+        if (ONEDNN_FP32 and x.numel() >= ONEDNN_MIN_ROWS * x.size(-1)
                 and x.dtype == torch.float32 and x.device.type == "cpu"
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return OneDNNLinear.apply(x, self.weight, self.bias)

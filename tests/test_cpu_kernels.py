@@ -49,15 +49,43 @@ def test_cpu_bf16_attention(monkeypatch, probs_limit):
         torch.testing.assert_close(got.grad.float(), want.grad, rtol=0, atol=0.04)
 
 
-def test_cpu_linear_matches_aten_with_gradients():
-    """cpu_kernels.Linear (oneDNN on fp32 CPU) against F.linear: outputs and all three gradients."""
-    from cpu_kernels import Linear
+def test_cpu_vendor_picks_onednn_for_amd_only(tmp_path):
+    import cpu_kernels
+    for vendor in ("AuthenticAMD", "GenuineIntel"):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\n")
+        assert cpu_kernels.cpu_vendor(str(tmp_path / "cpuinfo")) == vendor
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # aarch64 has no vendor_id
+    assert cpu_kernels.cpu_vendor(str(tmp_path / "cpuinfo")) == ""
+    assert cpu_kernels.cpu_vendor(str(tmp_path / "missing")) == ""  # macOS, Windows
+    assert not cpu_kernels.onednn_fp32("GenuineIntel") and not cpu_kernels.onednn_fp32("")
+    assert cpu_kernels.onednn_fp32("AuthenticAMD") == (cpu_kernels.ONEDNN_LINEAR is not None)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_linear_follows_onednn_fp32(monkeypatch, onednn):
+    import cpu_kernels
+    if cpu_kernels.ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32", onednn)
+    layer = cpu_kernels.Linear(16, 8)
+    assert ("OneDNNLinear" in type(layer(torch.randn(4, 32, 16, requires_grad=True)).grad_fn).__name__) == onednn
+    assert "OneDNNLinear" not in type(layer(torch.randn(1, 31, 16, requires_grad=True)).grad_fn).__name__  # few rows
+
+
+def test_cpu_linear_matches_aten_with_gradients(monkeypatch):
+    """cpu_kernels.Linear with oneDNN on (as on AMD CPUs) against F.linear: outputs and all
+    three gradients."""
+    import cpu_kernels
+    if cpu_kernels.ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32", True)
     torch.manual_seed(0)
-    layer = Linear(48, 80)
-    x = torch.randn(3, 7, 48, requires_grad=True)
+    layer = cpu_kernels.Linear(48, 80)
+    x = torch.randn(3, 17, 48, requires_grad=True)  # 51 rows: at least ONEDNN_MIN_ROWS
     x_ref = x.detach().clone().requires_grad_()
     w_ref, b_ref = (p.detach().clone().requires_grad_() for p in (layer.weight, layer.bias))
     y, y_ref = layer(x), torch.nn.functional.linear(x_ref, w_ref, b_ref)
+    assert "OneDNNLinear" in type(y.grad_fn).__name__
     grad = torch.randn_like(y)
     y.backward(grad)
     y_ref.backward(grad)
