@@ -1,4 +1,4 @@
-"""data/text/prepare.py and dataprep.py: corpora as they come (directories with --ext and
+"""data/text/prepare.py, corpus.py and dataprep.py: corpora as they come (directories with --ext and
 globs, compressed files, JSON lines and arrays, parquet, Hugging Face datasets, nested
 fields, bad text), the document split, bounded memory, resume, progress, and a data dir that
 changes all at once (interrupted or failed prepares leave the old one intact)."""
@@ -21,6 +21,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+import corpus
 import dataprep
 from dataloader import DataError, load_meta, open_dataset
 from test_data import ROOT, EOT, load_module, nanogpt_char_reference, read_split, run
@@ -412,7 +413,7 @@ def test_progress_in_every_phase(tmp_path, monkeypatch):
         return real(desc, *args, **kwargs)
 
     monkeypatch.setattr(dataprep, "progress", recording)
-    monkeypatch.setattr(tp, "progress", recording)
+    monkeypatch.setattr(corpus, "progress", recording)
     (tmp_path / "t.txt").write_text(corpus_text()[:20000])
     for encoding in ("char", "bpe:300"):
         prepare(f"--input={tmp_path / 't.txt'}", f"--encoding={encoding}", out=tmp_path / encoding)
