@@ -26,20 +26,13 @@ import torch
 import torch.distributed as dist
 
 from configurator import UserError
+from dataprep import fsync_dir  # torch-free, so prepare scripts share it without torch
 from model import GPT, GPTConfig
 from runtime import full_state_dict
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be written or used: reported to the user as one line."""
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def assert_finite(state_dict, path):

@@ -128,7 +128,8 @@ def _worker_signals():
 # files of a data dir: written as .partial, committed together
 
 
-def _fsync_dir(path):
+def fsync_dir(path):
+    """Make the entries of directory `path` (a rename into it, say) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -205,7 +206,7 @@ def commit_data_dir(out_dir, names, meta):
     write_json(os.path.join(out_dir, META), meta)
     if "tokenizer_file" not in meta and os.path.exists(os.path.join(out_dir, "tokenizer.json")):
         os.remove(os.path.join(out_dir, "tokenizer.json"))
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
 
 
 def dataset_meta(tok, counts, **extra):
