@@ -167,6 +167,11 @@ def test_quality_times_whole_runs(tiny_data, tmp_path):
     assert "--init_from=scratch" in a["command"] and "B's seconds to val <= 10.0" in out
 
 
+def test_sample_bad_model_setting_is_a_user_error():
+    with pytest.raises(UserError, match=r"--sample model settings: n_embd=64 is not divisible by n_head=6"):
+        bench.sample_models({"n_embd": 64, "n_head": 6}, 0, None)
+
+
 def test_sample_nanogpt_needs_a_checkout_and_its_architecture(tmp_path):
     from configurator import UserError
     models = bench.sample_models({"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}, 0, None)
