@@ -11,15 +11,12 @@ A training run owns its out_dir while it runs (a lock), never starts over anothe
 checkpoints unless told to, and saves and restores its resume point through the functions
 below, which take everything they use as arguments.
 """
-import errno
-import fcntl
 import os
 import pickle
 import random
 import shutil
 import socket
 import sys
-import time
 
 import numpy as np
 import torch
@@ -27,6 +24,7 @@ import torch.distributed as dist
 
 from configurator import UserError
 from dataprep import fsync_dir  # torch-free, so prepare scripts share it without torch
+from dirlock import _locks, lock_dir, write_failure  # noqa: F401 (write_failure: for callers)
 from model import GPT, GPTConfig
 from runtime import full_state_dict
 
@@ -46,39 +44,11 @@ def assert_finite(state_dict, path):
 # out_dir ownership: one run at a time, and a run that does not resume never starts over
 # another run's checkpoints unless told to
 
-_locks = {}  # realpath(out_dir) -> its open lock file, held until this process exits
-
-
 def lock_out_dir(out_dir):
     """Make out_dir this process's alone: flock on out_dir/.lock, which the kernel releases when
     the process ends in any way (kill -9 included), so no lock outlives its run. The holder's
     pid, host and start time are written into the file for the next run's error message."""
-    if os.path.realpath(out_dir) in _locks:
-        return _locks[os.path.realpath(out_dir)]
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise CheckpointError(f"out_dir={out_dir} is a file, not a directory; pick another --out_dir")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, ".lock"), "a+")
-    except OSError as e:
-        raise CheckpointError(f"cannot use out_dir={out_dir}: {write_failure(e)}")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that is just starting"
-        f.close()
-        raise CheckpointError(f"{out_dir} is in use by another run ({holder}); wait for it to end, "
-                              f"stop it, or pick another --out_dir")
-    try:
-        f.truncate(0)
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
-        f.flush()
-    except OSError:
-        pass  # the lock holds without the note (a full disk); the next run's message is vaguer
-    _locks[os.path.realpath(out_dir)] = f
-    return f
+    return lock_dir(out_dir, CheckpointError, "out_dir", "run")
 
 
 def resume_point(out_dir, fsdp=False):
@@ -159,19 +129,6 @@ def last_saved(out_dir, fsdp=False):
         return f"{path} (iter {it}) is intact; resume with --init_from=resume"
     except Exception:  # only words for a message: the path alone will do
         return f"{path} is the last checkpoint"
-
-
-def write_failure(e):
-    """Why a write failed, in words. torch.save reports a short write as a RuntimeError whose
-    context holds the OSError with the reason, so the chain is searched for an errno."""
-    reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-               errno.EFBIG: "file too large (the file size limit, ulimit -f, or the filesystem's)"}
-    cause = e
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.errno:
-            return reasons.get(cause.errno, os.strerror(cause.errno).lower())
-        cause = cause.__cause__ or cause.__context__
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
 def temp_name(path):

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from configurator import ArgumentParser
 from dataloader import DataError, dtype_for_vocab
+from dirlock import holding, lock_dir, write_failure
 from tokenizer import CharTokenizer, tokenizer_from_meta, train_bpe
 
 META = "meta.json"
@@ -102,6 +103,9 @@ def interruptible(outcome):
         yield
     except KeyboardInterrupt as e:
         raise DataError(f"interrupted ({e or 'SIGINT'}); {outcome}") from None
+    except OSError as e:  # a full disk, a read-only mount, a file where a directory should be
+        where = f"{e.filename}: " if e.filename else ""
+        raise DataError(f"{where}{write_failure(e)}; {outcome}") from None
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -137,17 +141,46 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def lock_data_dir(out_dir):
+    """One prepare at a time per data dir (created if missing): a second one stops at once,
+    naming the first (dirlock; the lock dies with its process, kill -9 included)."""
+    return lock_dir(out_dir, DataError, "out_dir", "prepare")
+
+
+def data_dir_held(out_dir):
+    """lock_data_dir for a with block (released at its end unless held before)."""
+    return holding(out_dir, DataError, "out_dir", "prepare")
+
+
+def check_writable(out_dir):
+    """Before a long read of the inputs: out_dir, or the directory it would be created in, must
+    be a writable directory."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"out_dir={out_dir} is a file, not a directory; pick another --out_dir")
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is not a directory" if not os.path.isdir(parent) else "is not writable"
+        raise DataError(f"cannot create out_dir={out_dir}: {parent} {why}; pick another --out_dir")
+
+
 def partial_path(out_dir, name):
     return os.path.join(out_dir, name + ".partial")
 
 
 def write_json(path, obj):
     """Write path atomically: readers see the old file or the new one, never half of one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException:  # a full disk leaves no empty temp file behind
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise
 
 
 class TokenWriter:
@@ -182,7 +215,8 @@ class TokenWriter:
             self.f.close()
 
     def abort(self):
-        self.f.close()
+        with contextlib.suppress(OSError):  # a full disk fails the flush too
+            self.f.close()
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.partial)
 
@@ -229,19 +263,25 @@ def token_files(tok):
 
 def write_dataset(out_dir, tok, splits, **extra):
     """Small in-memory datasets: splits = {'train': ids, 'val': ids}."""
-    os.makedirs(out_dir, exist_ok=True)
-    writers = {s: TokenWriter(os.path.join(out_dir, f"{s}.bin"), dtype_for_vocab(tok.vocab_size))
-               for s in splits}
+    with data_dir_held(out_dir):
+        return _write_dataset(out_dir, tok, splits, **extra)
+
+
+def _write_dataset(out_dir, tok, splits, **extra):
+    writers = {}
     try:
         for split, ids in splits.items():
+            writers[split] = TokenWriter(os.path.join(out_dir, f"{split}.bin"), dtype_for_vocab(tok.vocab_size))
             writers[split].write(ids)
             writers[split].close()
-    except BaseException:
+        meta = dataset_meta(tok, {s: w.num_tokens for s, w in writers.items()}, **extra)
+        commit_data_dir(out_dir, [f"{s}.bin" for s in splits], meta)
+    except BaseException as e:
         for w in writers.values():
             w.abort()
+        if isinstance(e, OSError):  # a full disk: one line, the old files as they were
+            raise DataError(f"{e.filename or out_dir}: {write_failure(e)}; {out_dir} is unchanged") from None
         raise
-    meta = dataset_meta(tok, {s: w.num_tokens for s, w in writers.items()}, **extra)
-    commit_data_dir(out_dir, [f"{s}.bin" for s in splits], meta)
     report(out_dir, meta)
     return meta
 
@@ -407,6 +447,11 @@ def write_stream(out_dir, tok, chunks, num_proc, total_bytes, extra_meta=None, r
     them (with tokenizer.json for bpe) and meta.json together. With a ResumeState the
     .partial files are kept on failure, their progress recorded, and a later run with the
     same state skips the chunks already written; without one they are removed."""
+    with data_dir_held(out_dir):
+        return _write_stream(out_dir, tok, chunks, num_proc, total_bytes, extra_meta, resume)
+
+
+def _write_stream(out_dir, tok, chunks, num_proc, total_bytes, extra_meta=None, resume=None):
     dtype = dtype_for_vocab(tok.vocab_size)
     done = {"chunks": 0, "train": 0, "val": 0, "bytes": 0}  # what the .partial files hold
     saved = resume.state.get("encoded") if resume else None
@@ -439,9 +484,12 @@ def write_stream(out_dir, tok, chunks, num_proc, total_bytes, extra_meta=None, r
             w.close()
     except BaseException:
         if resume:
-            for w in writers.values():
-                w.close()
-            resume.save(encoded=done)
+            # keep what is durable; if even that fails (a full disk), the last record stands and
+            # the next run cuts the .partial files back to it
+            with contextlib.suppress(OSError):
+                for w in writers.values():
+                    w.close()
+                resume.save(encoded=done)
         else:
             for w in writers.values():
                 w.abort()

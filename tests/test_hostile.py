@@ -1,0 +1,206 @@
+"""
+Hostile and careless use, and faults (issue 23): inputs that are cut short or damaged, two
+writers on one directory, signals at awkward moments, settings that make no sense, and files
+that are not what they claim. Every case ends in one clear line and a non-zero exit, or is
+read to its end; nothing already saved is lost or changed.
+"""
+import bz2
+import gzip
+import io
+import json
+import lzma
+import os
+import subprocess
+import sys
+
+import pytest
+
+import dirlock
+from dataloader import DataError
+from test_data import ROOT, run
+from test_prepare import PREPARE, decoded, prepare
+from trainutil import kill_tree, one_error_line
+
+
+def last_error_line(stderr):
+    """The error line that ends stderr (progress or notes may come before it), no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), stderr
+    assert sum(line.startswith("error: ") for line in lines) == 1, stderr
+    return lines[-1]
+
+
+@pytest.fixture(autouse=True)
+def release_locks():
+    """In-process writers release their locks; a failed one may not have: start clean."""
+    yield
+    dirlock.unlock_all()
+
+
+# ----------------------------------------------------------------------------------------
+# compressed and columnar inputs: read to their end, or refused (never a short document)
+
+LINES = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(6000))
+
+
+def compress(kind, data):
+    if kind == "zst":
+        import zstandard
+        return zstandard.ZstdCompressor().compress(data)
+    return {"gz": gzip.compress, "xz": lzma.compress, "bz2": bz2.compress}[kind](data)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.parametrize("kind", ["gz", "xz", "bz2", "zst"])
+def test_damaged_compressed_input_is_refused_or_skipped(tmp_path, kind, damage):
+    """A compressed file cut short (`head -c`) or not compressed at all: --errors=strict stops
+    naming it; --errors=skip leaves all of it out and counts it; never a short document."""
+    good = "a good document\n"
+    (tmp_path / "good.txt").write_text(good)
+    blob = compress(kind, LINES.encode())
+    blob = blob[:len(blob) // 2] if damage == "truncated" else b"this is not compressed data\n" * 50
+    bad = tmp_path / f"bad.txt.{kind}"
+    bad.write_bytes(blob)
+    inputs = [f"--input={tmp_path / 'good.txt'}", f"--input={bad}"]
+    with pytest.raises(DataError, match=rf"bad.txt.{kind}: byte [\d,]+: truncated or corrupt {kind} data"):
+        prepare(*inputs, "--encoding=char", out=tmp_path / "strict")
+    assert not (tmp_path / "strict").exists()
+    meta = prepare(*inputs, "--encoding=char", "--errors=skip", out=tmp_path / "skip")
+    assert meta["source"]["documents"]["skipped"] == 1
+    assert [i.get("skipped", 0) for i in meta["source"]["inputs"]] == [0, "all"]
+    assert "".join(decoded(tmp_path / "skip")) == good  # nothing of the damaged file
+
+
+def test_truncated_jsonl_zst_beside_another_input(tmp_path):
+    """The issue's case: a .jsonl.zst cut by `head -c` used to count 0 documents in silence."""
+    import zstandard
+    records = "".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(3000)).encode()
+    blob = zstandard.ZstdCompressor().compress(records)
+    (tmp_path / "t.jsonl.zst").write_bytes(blob[:len(blob) // 3])
+    (tmp_path / "other.txt").write_text("another input\n")
+    r = run(PREPARE, f"--input={tmp_path / 't.jsonl.zst'}", f"--input={tmp_path / 'other.txt'}",
+            "--encoding=char", f"--out_dir={tmp_path / 'out'}", "--num_proc=1")
+    assert r.returncode == 1
+    line = one_error_line(r.stderr)
+    assert "t.jsonl.zst" in line and "truncated or corrupt zst data" in line and "--errors=skip" in line
+
+
+def test_every_zstd_frame_is_read(tmp_path):
+    """A .zst of several frames (pzstd, zstd of concatenated parts) is read to its end, not
+    to the end of its first frame."""
+    parts = [LINES[:50_000], LINES[50_000:]]
+    (tmp_path / "two.txt.zst").write_bytes(b"".join(compress("zst", p.encode()) for p in parts))
+    prepare(f"--input={tmp_path / 'two.txt.zst'}", "--encoding=char", out=tmp_path / "out")
+    assert "".join(decoded(tmp_path / "out")) == LINES
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_parquet_is_refused_or_skipped(tmp_path, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": [f"row {i} text" for i in range(2000)]}), buf, row_group_size=200)
+    blob = buf.getvalue()
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(blob[:len(blob) // 2] if damage == "truncated" else b"PAR1" + b"\x00garbage" * 100)
+    (tmp_path / "good.txt").write_text("a good document\n")
+    inputs = [f"--input={bad}", f"--input={tmp_path / 'good.txt'}"]
+    with pytest.raises(DataError, match=r"bad.parquet: not a readable parquet file"):
+        prepare(*inputs, "--encoding=char", out=tmp_path / "strict")
+    meta = prepare(*inputs, "--encoding=char", "--errors=skip", out=tmp_path / "skip")
+    assert [i.get("skipped", 0) for i in meta["source"]["inputs"]] == ["all", 0]
+    assert "".join(decoded(tmp_path / "skip")) == "a good document\n"
+
+
+def test_damaged_gzip_is_one_line_from_the_cli(tmp_path):
+    (tmp_path / "t.txt.gz").write_bytes(gzip.compress(LINES.encode())[:3000])
+    for errors in ("strict", "skip"):
+        r = run(PREPARE, f"--input={tmp_path / 't.txt.gz'}", "--encoding=char", f"--errors={errors}",
+                f"--out_dir={tmp_path / errors}", "--num_proc=1")
+        assert r.returncode == 1  # with skip, nothing is left: no documents
+        line = last_error_line(r.stderr)
+        assert ("t.txt.gz" in line) if errors == "strict" else "no documents" in line, r.stderr
+        if errors == "skip":
+            assert "skipped: " in r.stderr and "t.txt.gz" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# one writer per data dir
+
+HOLD_DATA_DIR = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import dataprep
+dataprep.lock_data_dir({out!r})
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_second_prepare_on_a_busy_data_dir_stops_at_once(tmp_path):
+    (tmp_path / "a.txt").write_text(LINES)
+    out = tmp_path / "out"
+    prepare(f"--input={tmp_path / 'a.txt'}", "--encoding=char", out=out)
+    before = {n: (out / n).read_bytes() for n in ("train.bin", "val.bin", "meta.json")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_DATA_DIR.format(repo=ROOT, out=str(out))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (tmp_path / "b.txt").write_text("other text\n" * 100)
+        with pytest.raises(DataError, match=rf"{out} is in use by another prepare \(pid {holder.pid} on "):
+            prepare(f"--input={tmp_path / 'b.txt'}", "--encoding=char", out=out)
+        assert {n: (out / n).read_bytes() for n in before} == before
+    finally:
+        kill_tree(holder)  # kill -9: the kernel drops the lock
+    prepare(f"--input={tmp_path / 'b.txt'}", "--encoding=char", out=out)
+    assert "".join(decoded(out)) == "other text\n" * 100
+
+
+@pytest.mark.parametrize("case", ["file", "under_a_file"])
+def test_prepare_out_dir_that_cannot_be_a_directory(tmp_path, case):
+    (tmp_path / "a.txt").write_text(LINES)
+    (tmp_path / "f").write_text("mine")
+    out = tmp_path / "f" if case == "file" else tmp_path / "f" / "sub"
+    r = run(PREPARE, f"--input={tmp_path / 'a.txt'}", "--encoding=char", f"--out_dir={out}", "--num_proc=1")
+    assert r.returncode == 1
+    assert "out_dir" in one_error_line(r.stderr) and str(out) in r.stderr
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+sys.argv = [{prepare!r}] + sys.argv[1:]
+sys.path.insert(0, {repo!r})
+from configurator import install_error_hook
+install_error_hook()
+import runpy
+runpy.run_path({prepare!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, resume):
+    """Writes fail part way (RLIMIT_FSIZE: EFBIG, as a full disk fails with ENOSPC): one line,
+    no temp or .partial file left (with --resume: the .partial files and a valid progress
+    record, no empty temp file), and the old data dir as it was."""
+    (tmp_path / "a.txt").write_text(LINES)
+    out = tmp_path / "out"
+    prepare(f"--input={tmp_path / 'a.txt'}", "--encoding=char", out=out)
+    before = {n: (out / n).read_bytes() for n in ("train.bin", "val.bin", "meta.json")}
+    (tmp_path / "big.txt").write_text(LINES * 40)  # ~2.4 MB: its train.bin passes the limit
+    script = FULL_DISK.format(limit=1 << 20, prepare=os.path.join(ROOT, PREPARE), repo=ROOT)
+    r = run("-c", script, f"--input={tmp_path / 'big.txt'}", "--encoding=char", f"--out_dir={out}",
+            "--num_proc=1", *(["--resume"] if resume else []))
+    assert r.returncode == 1
+    line = last_error_line(r.stderr)
+    assert "file too large" in line, line
+    assert {n: (out / n).read_bytes() for n in before} == before
+    left = sorted(n for n in os.listdir(out) if n not in before and n != ".lock")
+    if resume:
+        assert left == ["prepare.progress.json", "train.bin.partial", "val.bin.partial"], left
+        json.loads((out / "prepare.progress.json").read_text())
+    else:
+        assert left == [], left
