@@ -300,6 +300,10 @@ def load_resume_point(out_dir, fsdp=False):
             raise CheckpointError(f"{path} has no valid {key!r} ({ckpt.get(key)!r}), so it cannot resume; "
                                   f"it was not written by train.py (this project's or nanoGPT's)")
     ckpt["best_val_loss"] = float(ckpt.get("best_val_loss", 1e9))  # nanoGPT saves a 0-d tensor
+    for name, t in ckpt.get("model", {}).items():  # (sharded weights are checked when they are written)
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: weight {name} holds NaN/inf, so training cannot continue from it; "
+                                  f"resume from an earlier checkpoint or start over in another out_dir")
     return ckpt
 
 

@@ -51,6 +51,18 @@ EVAL_SEED = 0  # eval windows do not depend on the run's seed, so runs with diff
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
 
+class Interrupted(Exception):
+    """A stop signal arrived during an evaluation (should_stop() said so): its results are
+    dropped, and the caller saves what it has within seconds rather than after the whole eval."""
+
+
+def _check_stop(should_stop):
+    # every rank calls should_stop at the same batches (the loops are padded to the same
+    # length), so under torchrun it may be a collective
+    if should_stop is not None and should_stop():
+        raise Interrupted()
+
+
 def sum_dtype(device):
     return torch.float32 if str(device).startswith("mps") else torch.float64  # MPS has no float64
 
@@ -115,18 +127,30 @@ def eval_tokenizer(meta, data_dir, required, quiet=False):
 
 @torch.no_grad()
 def estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, device, rank=0, world_size=1,
-                  token_bytes=None):
+                  token_bytes=None, should_stop=None):
     """{'<split>_loss': nats per token, and with token_bytes '<split>_bpb': bits per byte} over
     the same eval_iters batches of each split every time. bpb = the nats of the targets that
-    are text / (ln 2 x the UTF-8 bytes they decode to). Batch k runs on rank k % world_size."""
-    out, was_training = {}, model.training
+    are text / (ln 2 x the UTF-8 bytes they decode to). Batch k runs on rank k % world_size.
+    should_stop() is asked before every batch; when it says so, Interrupted is raised."""
+    was_training = model.training
     model.eval()
+    try:
+        return _estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, device, rank, world_size,
+                              token_bytes, should_stop)
+    finally:
+        model.train(was_training)
+
+
+def _estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, device, rank, world_size,
+                   token_bytes, should_stop):
+    out = {}
     if token_bytes is not None:
         token_bytes = token_bytes.to(device)
     for split, data in splits.items():
         sums = torch.zeros(eval_iters, 3, dtype=sum_dtype(device), device=device)  # nats, text nats, bytes
         padded = -(-eval_iters // world_size) * world_size  # FSDP: every rank runs every forward
         for k in range(rank, padded, world_size):
+            _check_stop(should_stop)
             x, y = get_batch(data, block_size, batch_size, EVAL_SEED, k % eval_iters, 0)
             x, y = x.to(device), y.to(device)
             with ctx:
@@ -142,7 +166,6 @@ def estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, device
         out[f"{split}_loss"] = nats / (eval_iters * batch_size * block_size)
         if token_bytes is not None:
             out[f"{split}_bpb"] = text_nats / nbytes / math.log(2) if nbytes else float("nan")
-    model.train(was_training)
     return out
 
 
@@ -170,16 +193,27 @@ def encode_examples(examples, tok, block_size):
 
 
 @torch.no_grad()
-def ending_losses(model, rows, batch_size, ctx, device, rank=0, world_size=1):
+def ending_losses(model, rows, batch_size, ctx, device, rank=0, world_size=1, should_stop=None):
     """(len(rows),) float64: the summed nats of each row's last n tokens given the ones before,
     for rows = [(ids, n)]. Batches of batch_size consecutive rows are padded on the right (a
     causal model never sees the padding); batch b runs on rank b % world_size."""
     sums = torch.zeros(len(rows), dtype=sum_dtype(device), device=device)
-    num_batches = -(-len(rows) // batch_size)
-    padded = -(-num_batches // world_size) * world_size  # FSDP: every rank runs every forward
     was_training = model.training
     model.eval()
+    try:
+        _ending_losses(model, rows, batch_size, ctx, device, rank, world_size, should_stop, sums)
+    finally:
+        model.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(sums)  # each entry is one rank's, the others add zeros: exact
+    return sums.cpu().double()
+
+
+def _ending_losses(model, rows, batch_size, ctx, device, rank, world_size, should_stop, sums):
+    num_batches = -(-len(rows) // batch_size)
+    padded = -(-num_batches // world_size) * world_size  # FSDP: every rank runs every forward
     for b in range(rank, padded, world_size):
+        _check_stop(should_stop)
         start = b % num_batches * batch_size
         batch = rows[start:start + batch_size]
         T = max(len(ids) for ids, _ in batch) - 1
@@ -195,18 +229,15 @@ def ending_losses(model, rows, batch_size, ctx, device, rank=0, world_size=1):
             continue
         nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
         sums[start:start + len(batch)] = nats.view(len(batch), T).to(sums.dtype).sum(1)
-    if world_size > 1:
-        dist.all_reduce(sums)  # each entry is one rank's, the others add zeros: exact
-    model.train(was_training)
-    return sums.cpu().double()
 
 
-def score_multiple_choice(model, encoded, batch_size, ctx, device, rank=0, world_size=1):
+def score_multiple_choice(model, encoded, batch_size, ctx, device, rank=0, world_size=1, should_stop=None):
     """{'acc', 'acc_norm', 'n'}: the fraction of examples whose right ending has the lowest
     total loss (acc) and the lowest loss per token of the ending (acc_norm, as llm.c and
     nanochat score HellaSwag, so GPT-2's published numbers compare)."""
     rows = [row for _, endings in encoded for row in endings]
-    losses = ending_losses(model, rows, batch_size, ctx, device, rank, world_size).tolist() if rows else []
+    losses = ending_losses(model, rows, batch_size, ctx, device, rank, world_size,
+                           should_stop).tolist() if rows else []
     correct = correct_norm = i = 0
     for label, endings in encoded:
         total = losses[i:i + len(endings)]
@@ -281,11 +312,11 @@ def load_tasks(names, paths, tok, block_size, max_examples=0, rank=0, ddp=False)
     return out
 
 
-def score_tasks(tasks, model, batch_size, ctx, device, rank=0, world_size=1):
+def score_tasks(tasks, model, batch_size, ctx, device, rank=0, world_size=1, should_stop=None):
     """{'<task>_acc', '<task>_acc_norm', '<task>_n'} for tasks from load_tasks."""
     out = {}
     for name, encoded in tasks.items():
-        scores = score_multiple_choice(model, encoded, batch_size, ctx, device, rank, world_size)
+        scores = score_multiple_choice(model, encoded, batch_size, ctx, device, rank, world_size, should_stop)
         out.update({f"{name}_{k}": v for k, v in scores.items()})
     return out
 

@@ -19,7 +19,7 @@ import dirlock
 from dataloader import DataError
 from test_data import ROOT, run
 from test_prepare import PREPARE, decoded, prepare
-from trainutil import kill_tree, one_error_line
+from trainutil import char_data, kill_tree, one_error_line  # noqa: F401 (a fixture)
 
 
 def last_error_line(stderr):
@@ -204,3 +204,106 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, resume)
         json.loads((out / "prepare.progress.json").read_text())
     else:
         assert left == [], left
+
+
+# ----------------------------------------------------------------------------------------
+# train.py: every setting checked before anything is created, deleted or downloaded
+
+IN_ONE_PROCESS = """
+import json, os, runpy, sys
+sys.path.insert(0, {repo!r})
+os.chdir({repo!r})
+from configurator import UserError
+results = []
+for argv in json.loads(sys.argv[1]):
+    sys.argv = [{script!r}, *argv]
+    try:
+        runpy.run_path({script!r}, run_name="__main__")
+        results.append(["ok", ""])
+    except UserError as e:
+        results.append(["error", str(e)])
+    except BaseException as e:  # a bug: the CLI would print a traceback
+        results.append(["bug", f"{{type(e).__name__}}: {{e}}"])
+    sys.stdout.flush()
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def run_cases(script, cases, env=None):
+    """[(status, message)] of running `script` (train.py, evaluate.py, ...) with each argv in
+    cases, all in one process (imports once): 'error' is a UserError (the CLI's one line),
+    'bug' any other exception (the CLI's traceback)."""
+    from trainutil import child_env
+    env = child_env(**(env or {}))
+    r = subprocess.run([sys.executable, "-c", IN_ONE_PROCESS.format(repo=ROOT, script=script), json.dumps(cases)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert lines, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+def tiny(out, data, **overrides):
+    from trainutil import train_args
+    return train_args(str(out), str(data), **overrides)
+
+
+def test_train_settings_that_make_no_sense_stop_before_anything_is_written(tmp_path, char_data):
+    """Each is one error line naming the setting, and out_dir is not even created."""
+    (tmp_path / "latin1.py").write_bytes(b"learning_rate = 1e-3  # caf\xe9\n")
+    cases = {
+        "init_from=gpt2-foo": (dict(init_from="gpt2-foo"), "init_from='gpt2-foo' is not valid"),
+        "missing data dir": (dict(data_dir=str(tmp_path / "nodata")), "nodata not found"),
+        "learning_rate=1e999": (dict(learning_rate="1e999"), "learning_rate=inf is not valid"),
+        "min_lr > learning_rate": (dict(min_lr=1e-2, learning_rate=1e-3), "min_lr=0.01 is above learning_rate"),
+        "warmup past decay": (dict(warmup_iters=100, lr_decay_iters=10), "warmup_iters=100 is past lr_decay_iters=10"),
+        "huge seed": (dict(seed=99999999999999999999), "seed=99999999999999999999 is not valid"),
+        "config not utf-8": (dict(_config=str(tmp_path / "latin1.py")), "latin1.py: not UTF-8"),
+    }
+    argvs = []
+    for name, (overrides, _) in cases.items():
+        config = overrides.pop("_config", None)
+        data = overrides.pop("data_dir", char_data)
+        argvs.append(([config] if config else []) + tiny(tmp_path / name.replace(" ", "_"), data, **overrides))
+    for (name, (_, needle)), (status, message) in zip(cases.items(), run_cases("train.py", argvs)):
+        assert status == "error" and needle in message, (name, status, message)
+        assert not (tmp_path / name.replace(" ", "_")).exists(), f"{name}: out_dir was created"
+
+
+def test_no_checkpoint_is_deleted_before_the_tasks_are_there(tmp_path, char_data):
+    """--overwrite=True --eval_tasks=hellaswag offline without the file: the download fails
+    before anything in out_dir is touched (it used to delete ckpt.pt first)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"an earlier run's checkpoint")
+    (out / "metrics.jsonl").write_text('{"iter": 0, "loss": 4.0}\n')
+    argv = tiny(out, char_data, overwrite=True, eval_tasks="hellaswag",
+                hellaswag_path=str(tmp_path / "hs" / "hellaswag_val.jsonl"))
+    # no network here in any case; a proxy that refuses makes the download fail at once
+    [(status, message)] = run_cases("train.py", [argv], env=dict(https_proxy="http://127.0.0.1:9",
+                                                                    HTTPS_PROXY="http://127.0.0.1:9"))
+    assert status == "error" and "could not download" in message, message
+    assert (out / "ckpt.pt").read_bytes() == b"an earlier run's checkpoint"
+    assert (out / "metrics.jsonl").exists() and not (out / ".lock").exists()
+
+
+def test_nan_runs_and_nan_checkpoints_end_non_zero(tmp_path, char_data):
+    """A run whose last steps were all skipped as non-finite (learning_rate=1e30 makes the
+    weights overflow) ends with an error, not exit 0; resuming a checkpoint with a NaN weight
+    is refused before anything is written, the checkpoint unchanged."""
+    import torch
+    from test_safety import our_checkpoint
+    nan_dir = tmp_path / "nan"
+    nan_dir.mkdir()
+    ckpt, path, _, _ = our_checkpoint(nan_dir)
+    ckpt["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    torch.save(ckpt, path)
+    before = open(path, "rb").read()
+    results = run_cases("train.py", [
+        tiny(tmp_path / "big_lr", char_data, learning_rate=1e30, max_iters=4, max_bad_steps=5),
+        tiny(nan_dir, char_data, init_from="resume"),
+    ])
+    (status, message), (status2, message2) = results
+    assert status == "error" and "non-finite step(s) in a row" in message, message
+    assert "no checkpoint has been written" in message
+    assert status2 == "error" and "weight transformer.h.0.mlp.c_fc.weight holds NaN/inf" in message2, message2
+    assert open(path, "rb").read() == before
