@@ -194,6 +194,8 @@ if __name__ == "__main__":
     tokens_per_iter = grad_accum * world_size * batch_size * block_size
     if ddp:
         report_dead_ranks(rank, lambda: last_saved(out_dir, fsdp))
+    # from here a stop signal is heard: the loop saves at its first chance and exits 0
+    stop = StopSignal(ddp)
     # what the settings name must exist and fit before anything is created, deleted or
     # downloaded into out_dir: the dataset, the tokenizer and the files of eval_tasks
     data_dir = data_dir or os.path.join("data", dataset)
@@ -296,7 +298,6 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # training loop
-    stop = StopSignal(ddp)
     start_iter = iter_num
     ckpt_every = ckpt_interval or eval_interval
 

@@ -307,3 +307,63 @@ def test_nan_runs_and_nan_checkpoints_end_non_zero(tmp_path, char_data):
     assert "no checkpoint has been written" in message
     assert status2 == "error" and "weight transformer.h.0.mlp.c_fc.weight holds NaN/inf" in message2, message2
     assert open(path, "rb").read() == before
+
+
+# ----------------------------------------------------------------------------------------
+# a stop signal is honoured within seconds wherever the run is
+
+
+def fake_hellaswag(path, n):
+    """n HellaSwag-shaped examples in characters a char model of tinyshakespeare can spell."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"ctx": f"The king spoke to his lord of {'abcdefghij'[i % 10]} things and then",
+                                "endings": ["he went away.", "she sang a song.", "they ate bread.", "all slept."],
+                                "label": i % 4}) + "\n")
+    return path
+
+
+def same_tensors(a, b):
+    import torch
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["eval", "tasks", "step"])
+def test_sigterm_is_honoured_within_seconds(tmp_path, char_data, where):
+    """SIGTERM in a long evaluation (it used to keep evaluating for 10 minutes), in task
+    scoring, or in a step of many micro-steps: exit 0 within seconds with a checkpoint of
+    the iteration it was in, from which a resume ends bitwise where an uninterrupted run does."""
+    import time
+    from trainutil import load_ckpt, popen_train, run_train, wait_for
+    import re
+    long = {"eval": dict(eval_iters=10**7),
+            "tasks": dict(eval_tasks="hellaswag", hellaswag_path=fake_hellaswag(tmp_path / "hs.jsonl", 30_000))}
+    # "step": 200 micro-steps (~1-2 s a step), dropout on: the RNG of a cut step must not leak
+    settings = dict(eval_iters=2, max_iters=2, lr_decay_iters=2, warmup_iters=1,
+                    **(dict(gradient_accumulation_steps=200, dropout=0.1) if where == "step" else {}))
+    out = tmp_path / "out"
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = popen_train(str(out), char_data, log=log, **dict(settings, **long.get(where, {})))
+        try:
+            wait_for(lambda: "parameters" in (tmp_path / "log.txt").read_text(), 120, proc)
+            time.sleep(1.5)  # well inside the long part
+            t0 = time.monotonic()
+            proc.terminate()
+            rc = proc.wait(timeout=60)
+            took = time.monotonic() - t0
+        finally:
+            kill_tree(proc)
+    text = (tmp_path / "log.txt").read_text()
+    assert rc == 0 and "Traceback" not in text, text[-3000:]
+    assert took < 10, f"{took:.1f} s from SIGTERM to exit"
+    m = re.search(r"stopped (during the evaluation of|in the middle of) iter (\d+)", text)
+    assert m, text[-3000:]
+    assert load_ckpt(str(out))["iter_num"] == int(m.group(2))
+    if where != "step":
+        assert m.group(2) == "0"
+    run_train(str(out), char_data, init_from="resume", **settings)
+    run_train(str(tmp_path / "straight"), char_data, **settings)
+    same_tensors(load_ckpt(str(out))["model"], load_ckpt(str(tmp_path / "straight"))["model"])
