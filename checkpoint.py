@@ -11,6 +11,7 @@ A training run owns its out_dir while it runs (a lock), never starts over anothe
 checkpoints unless told to, and saves and restores its resume point through the functions
 below, which take everything they use as arguments.
 """
+import dataclasses
 import os
 import pickle
 import random
@@ -248,11 +249,16 @@ def build_model(ckpt, path, dropout=None):
 
 
 def check_model_args(saved, requested, path):
-    """Architecture settings given for this run must agree with the checkpoint's."""
+    """Architecture settings given for this run must agree with the checkpoint's. A key the
+    checkpoint lacks (nanoGPT's have 7) is built with GPTConfig's default, so an override of it
+    is compared with that default: never ignored in silence."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
     for key, value in requested.items():
-        if key in saved and key != "dropout" and saved[key] != value:
-            raise CheckpointError(f"{path}: model_args.{key}={saved[key]!r} but this run sets "
-                                  f"{key}={value!r}; drop the override or use a new out_dir")
+        have = saved.get(key, defaults.get(key))
+        if key != "dropout" and (key in saved or key in defaults) and have != value:
+            where = f"model_args.{key}={have!r}" if key in saved else f"no {key} (so {key}={have!r}, the default)"
+            raise CheckpointError(f"{path} has {where} but this run sets {key}={value!r}; drop the override "
+                                  f"or use a new out_dir")
 
 
 def capture_rng():

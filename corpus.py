@@ -341,12 +341,62 @@ def walk(root, patterns, out_dir):
     return sorted(found)
 
 
+def glob_pattern(pattern):
+    """A compiled regex for a glob of '/'-separated parts: '**' is any number of directories,
+    '*' and '?' stay inside one name and, as in glob, match no leading dot."""
+    parts, names = [], pattern.split("/")
+    for k, part in enumerate(names):
+        if part == "**":  # as the last part it names the files too
+            parts.append("(?:[^/.][^/]*/)*" + ("[^/.][^/]*/" if k == len(names) - 1 else ""))
+            continue
+        rx = "" if part.startswith((".", "[")) or part.strip("*?") == part else "(?![.])"
+        i = 0
+        while i < len(part):
+            c = part[i]
+            end = part.find("]", i + 2) if c == "[" else -1
+            if c == "*":
+                rx += "[^/]*"
+            elif c == "?":
+                rx += "[^/]"
+            elif end > 0:
+                body = part[i + 1:end]
+                rx += "[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]"
+                i = end
+            else:
+                rx += re.escape(c)
+            i += 1
+        parts.append(rx + "/")
+    return re.compile("".join(parts)[:-1] + r"\Z")
+
+
+def glob_files(spec):
+    """The files a glob names, sorted. glob.glob's '**' follows symlinked directories, so a
+    symlink loop makes it recurse until paths grow too long (two loops: exponentially); here
+    '**' walks like a directory input, without following directory links."""
+    if "**" not in spec:
+        return [p for p in sorted(glob.glob(spec)) if os.path.isfile(p)]
+    parts = spec.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    root = "/".join(parts[:fixed]) or ("/" if spec.startswith("/") else ".")
+    rx = glob_pattern("/".join(parts[fixed:]))
+    found = []
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, root)
+        for n in names:
+            path = os.path.join(dirpath, n)
+            if rx.match(n if rel == "." else f"{rel}/{n}".replace(os.sep, "/")) and os.path.isfile(path):
+                found.append(os.path.normpath(path) if root != "." else os.path.relpath(path))
+    return sorted(found)
+
+
 def find_inputs(args):
     sources, seen = [], set()
 
     def add(path):
-        if os.path.abspath(path) not in seen:
-            seen.add(os.path.abspath(path))
+        # by the file itself: links, '..' and overlapping inputs never take a file twice
+        if os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
             sources.append(FileSource(path))
 
     out_dir = os.path.abspath(args.out_dir)
@@ -363,7 +413,7 @@ def find_inputs(args):
         elif os.path.isfile(spec):
             add(spec)
         elif any(c in spec for c in "*?["):
-            files = [p for p in sorted(glob.glob(spec, recursive=True)) if os.path.isfile(p)]
+            files = glob_files(spec)
             if not files:
                 raise DataError(f"--input {spec}: no file matches this glob")
             for path in files:

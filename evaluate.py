@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from configurator import ConfigError, configure, install_error_hook  # noqa: E402
+from configurator import ANY, ConfigError, at_least, check_settings, configure, install_error_hook  # noqa: E402
 from dataloader import DataError, get_batch  # noqa: E402
 from dataprep import download  # noqa: E402
 from tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, tokenizer_from_meta  # noqa: E402
@@ -231,6 +231,12 @@ def _ending_losses(model, rows, batch_size, ctx, device, rank, world_size, shoul
         sums[start:start + len(batch)] = nats.view(len(batch), T).to(sums.dtype).sum(1)
 
 
+def only_lowest(losses, label):
+    """The right ending has a lower loss than every other: a tie (e.g. two identical endings)
+    is not a right answer, whichever index the label names."""
+    return all(loss > losses[label] for i, loss in enumerate(losses) if i != label)
+
+
 def score_multiple_choice(model, encoded, batch_size, ctx, device, rank=0, world_size=1, should_stop=None):
     """{'acc', 'acc_norm', 'n'}: the fraction of examples whose right ending has the lowest
     total loss (acc) and the lowest loss per token of the ending (acc_norm, as llm.c and
@@ -242,8 +248,8 @@ def score_multiple_choice(model, encoded, batch_size, ctx, device, rank=0, world
     for label, endings in encoded:
         total = losses[i:i + len(endings)]
         per_token = [s / n for s, (_, n) in zip(total, endings)]
-        correct += min(range(len(total)), key=total.__getitem__) == label
-        correct_norm += min(range(len(per_token)), key=per_token.__getitem__) == label
+        correct += only_lowest(total, label)
+        correct_norm += only_lowest(per_token, label)
         i += len(endings)
     n = len(encoded)
     return {"acc": correct / n if n else float("nan"), "acc_norm": correct_norm / n if n else float("nan"), "n": n}
@@ -252,29 +258,38 @@ def score_multiple_choice(model, encoded, batch_size, ctx, device, rank=0, world
 # -----------------------------------------------------------------------------
 # tasks
 
+def _read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
 def load_hellaswag(path, url=HELLASWAG_URL):
     """HellaSwag's validation split as [{'ctx', 'endings', 'label'}] (10,042 examples in the
     official file), downloaded from its official location when path is missing."""
     if not os.path.exists(path):
         download(url, path)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-                ex = {"ctx": ex["ctx"], "endings": ex["endings"], "label": ex["label"]}
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path} line {n}: not a HellaSwag example ({type(e).__name__}: {e}); "
-                                f"delete the file to download it again")
-            endings = ex["endings"]
-            if not (isinstance(ex["ctx"], str) and isinstance(endings, list) and len(endings) >= 2
-                    and all(isinstance(e, str) for e in endings) and isinstance(ex["label"], int)
-                    and 0 <= ex["label"] < len(endings)):
-                raise DataError(f"{path} line {n}: needs a ctx string, a list of ending strings and a "
-                                f"label indexing them; delete the file to download it again")
-            examples.append(ex)
+    try:
+        lines = _read_lines(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); delete the "
+                        f"file to download it again")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+            ex = {"ctx": ex["ctx"], "endings": ex["endings"], "label": ex["label"]}
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path} line {n}: not a HellaSwag example ({type(e).__name__}: {e}); "
+                            f"delete the file to download it again")
+        endings = ex["endings"]
+        if not (isinstance(ex["ctx"], str) and isinstance(endings, list) and len(endings) >= 2
+                and all(isinstance(e, str) for e in endings) and type(ex["label"]) is int
+                and 0 <= ex["label"] < len(endings)):
+            raise DataError(f"{path} line {n}: needs a ctx string, a list of ending strings and a "
+                            f"label indexing them; delete the file to download it again")
+        examples.append(ex)
     if not examples:
         raise DataError(f"{path} holds no examples; delete it to download it again")
     return examples
@@ -350,9 +365,51 @@ def load_model(s):
     return build_model(checkpoint, path), checkpoint_tokenizer(checkpoint), path, data_dir
 
 
+def results_path_ok(path):
+    """'' or a file this process can write (checked before the evaluation, not after it)."""
+    if not path:
+        return True
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(parent):
+        return False
+    return os.access(path if os.path.exists(path) else parent, os.W_OK)
+
+
+RULES = dict(
+    init_from=(lambda v: v in ("resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") or os.path.isdir(v),
+               "'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or an HF directory that exists"),
+    out_dir=ANY, ckpt=ANY, dataset=ANY, data_dir=ANY, hellaswag_path=ANY, device=ANY, dtype=ANY, compile=ANY,
+    backend=ANY,
+    tasks=(lambda v: bool(v.strip(" ,")), f"a comma-separated list of 'val', {', '.join(map(repr, TASKS))}"),
+    eval_iters=at_least(1), batch_size=at_least(1), max_examples=at_least(0),
+    results=(results_path_ok, "'' or a JSON file path in a writable directory (not a directory itself)"),
+)
+
+
+def check_data_tokenizer(tok, meta, data_dir, source):
+    """'val' on data encoded with another tokenizer than the model's gives a meaningless loss."""
+    data_tok = tokenizer_from_meta(meta, data_dir)
+    fingerprints = [t.fingerprint() if hasattr(t, "fingerprint") else t.name for t in (data_tok, tok)]
+    if fingerprints[0] != fingerprints[1]:
+        raise DataError(f"{data_dir} was encoded with {data_tok.name} ({data_tok.vocab_size} tokens), but "
+                        f"{source} was trained with {tok.name} ({tok.vocab_size} tokens): its val loss "
+                        f"would mean nothing; pick a dataset prepared with the model's tokenizer")
+    return data_tok
+
+
+def write_results(path, out):
+    try:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+    except OSError as e:
+        from dirlock import write_failure
+        raise DataError(f"could not write --results={path}: {write_failure(e)} (the results are printed above)")
+
+
 def main(s):
     from dataloader import open_dataset
     from runtime import autocast_context, init_distributed, resolve_device, resolve_dtype
+    check_settings(s, RULES, __file__)
     names = parse_tasks(s["tasks"], "tasks", extra=("val",))
     ddp, rank, _, world_size, device = init_distributed(s["backend"], resolve_device(s["device"]))
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
@@ -371,7 +428,7 @@ def main(s):
         print(f"note: 'val' skipped: no dataset found for {source}; set --dataset or --data_dir", file=sys.stderr)
     if "val" in names and data_dir:
         splits, meta = open_dataset(data_dir, cfg.block_size, cfg.vocab_size)
-        token_bytes = token_byte_lengths(tokenizer_from_meta(meta, data_dir), cfg.vocab_size)
+        token_bytes = token_byte_lengths(check_data_tokenizer(tok, meta, data_dir, source), cfg.vocab_size)
         out.update(estimate_loss(model, {"val": splits["val"]}, cfg.block_size, s["batch_size"], s["eval_iters"],
                                  ctx, device, rank, world_size, token_bytes))
     paths = {"hellaswag": s["hellaswag_path"]}
@@ -382,8 +439,7 @@ def main(s):
         for name in loaded:
             print(f"{name}: {out[f'{name}_n']:,} examples scored")
         if s["results"]:
-            with open(s["results"], "w") as f:
-                json.dump(out, f, indent=1)
+            write_results(s["results"], out)
     if ddp:
         dist.barrier()  # see the end of train.py: gloo must not be torn down by finalization
         dist.destroy_process_group()

@@ -57,6 +57,8 @@ def truncate_metrics(path, iter_num):
     when something goes, atomically: a full disk leaves it as it was."""
     if not os.path.exists(path):
         return
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is not a file (a directory?); move it away so that this run can log there")
     good, damaged = parse_metrics(path)
     kept = [line for line, record in good if record.get("iter", 0) < iter_num]
     if len(kept) == len(good) and not damaged:

@@ -5,6 +5,7 @@ that are not what they claim. Every case ends in one clear line and a non-zero e
 read to its end; nothing already saved is lost or changed.
 """
 import bz2
+import contextlib
 import gzip
 import io
 import json
@@ -16,7 +17,7 @@ import sys
 import pytest
 
 import dirlock
-from dataloader import DataError
+from dataloader import DataError, load_meta
 from test_data import ROOT, run
 from test_prepare import PREPARE, decoded, prepare
 from trainutil import char_data, kill_tree, one_error_line  # noqa: F401 (a fixture)
@@ -367,3 +368,173 @@ def test_sigterm_is_honoured_within_seconds(tmp_path, char_data, where):
     run_train(str(out), char_data, init_from="resume", **settings)
     run_train(str(tmp_path / "straight"), char_data, **settings)
     same_tensors(load_ckpt(str(out))["model"], load_ckpt(str(tmp_path / "straight"))["model"])
+
+
+# ----------------------------------------------------------------------------------------
+# evaluate.py, sample.py, hf.py: nonsense refused in one line, before the work
+
+
+@pytest.fixture
+def char_ckpt(tmp_path, char_data):
+    """out_dir/ckpt.pt of a random tiny GPT over char_data, as train.py writes one."""
+    import torch
+    from dataclasses import asdict
+    from model import GPT, GPTConfig
+    meta = load_meta(char_data)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=meta["vocab_size"]))
+    out = tmp_path / "ckpt_out"
+    out.mkdir()
+    torch.save({"model": model.state_dict(), "model_args": asdict(model.config), "iter_num": 0,
+                "meta": meta, "config": {"data_dir": str(char_data)}}, out / "ckpt.pt")
+    return out
+
+
+def test_evaluate_settings_that_make_no_sense(tmp_path, char_data, char_ckpt):
+    from trainutil import write_char_dataset
+    other = write_char_dataset(str(tmp_path / "other"), "abc def\n" * 500)  # another vocabulary
+    (tmp_path / "adir").mkdir()
+    base = [f"--out_dir={char_ckpt}", "--device=cpu", "--eval_iters=2", "--batch_size=2"]
+    cases = [
+        (["--eval_iters=0"], "eval_iters=0 is not valid"),
+        (["--batch_size=0"], "batch_size=0 is not valid"),
+        (["--max_examples=-1"], "max_examples=-1 is not valid"),
+        (["--tasks="], "tasks='' is not valid"),
+        ([f"--results={tmp_path / 'adir'}"], "results="),
+        ([f"--results={tmp_path / 'nodir' / 'r.json'}"], "results="),
+        ([f"--data_dir={other}", "--tasks=val"], "its val loss would mean nothing"),
+        (["--tasks=val", f"--results={tmp_path / 'r.json'}"], ""),  # and the sane case works
+    ]
+    results = run_cases("evaluate.py", [base + argv for argv, _ in cases])
+    for (argv, needle), (status, message) in zip(cases, results):
+        assert (status, needle in message) == (("error", True) if needle else ("ok", True)), (argv, status, message)
+    assert json.loads((tmp_path / "r.json").read_text())["val_loss"] > 0
+
+
+def test_hellaswag_files_that_lie(tmp_path):
+    import evaluate
+    good = {"ctx": "a b", "endings": ["c", "d"], "label": 1}
+    (tmp_path / "bool.jsonl").write_text(json.dumps(dict(good, label=True)) + "\n")
+    with pytest.raises(DataError, match="bool.jsonl line 1: needs a ctx string"):
+        evaluate.load_hellaswag(str(tmp_path / "bool.jsonl"))
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(good).encode().replace(b"a b", b"caf\xe9"))
+    with pytest.raises(DataError, match=r"latin1.jsonl: not UTF-8 \(byte 0xe9"):
+        evaluate.load_hellaswag(str(tmp_path / "latin1.jsonl"))
+
+
+def test_tied_endings_are_not_a_right_answer():
+    """Endings with the same loss (here identical) cannot be told apart: no credit for label 0."""
+    import torch
+    import evaluate
+    from model import GPT, GPTConfig
+    from tokenizer import CharTokenizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=8))
+    tok = CharTokenizer(list(" abcdefg"))
+    encoded, _ = evaluate.encode_examples([{"ctx": "abc", "endings": ["", ""], "label": 0},
+                                           {"ctx": "abc", "endings": ["de", "de"], "label": 1}], tok, 32)
+    scores = evaluate.score_multiple_choice(model, encoded, 4, contextlib.nullcontext(), "cpu")
+    assert scores == {"acc": 0.0, "acc_norm": 0.0, "n": 2}
+
+
+def tiny_llama(path, **config):
+    import transformers
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=64, max_position_embeddings=64, **config)).save_pretrained(path)
+    return path
+
+
+def test_hf_directories_that_lie(tmp_path):
+    """Each is an HFError (one line), never a traceback or a silent cast."""
+    import shutil
+    import torch
+    import transformers
+    from hf import HFError, gpt_from_hf
+    from safetensors.torch import load_file, save_file
+    llama = tiny_llama(tmp_path / "llama")
+    heads = shutil.copytree(llama, tmp_path / "heads5")
+    config = json.loads((heads / "config.json").read_text())
+    (heads / "config.json").write_text(json.dumps(dict(config, num_attention_heads=5, num_key_value_heads=5)))
+    with pytest.raises(HFError, match=r"heads5: transformers cannot read its config.json .*not a multiple"):
+        gpt_from_hf(str(heads))
+    cut = shutil.copytree(llama, tmp_path / "cut")
+    blob = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(blob[:len(blob) // 2])
+    with pytest.raises(HFError, match=r"model.safetensors cannot be read as safetensors"):
+        gpt_from_hf(str(cut))
+    ints = shutil.copytree(llama, tmp_path / "ints")
+    tensors = load_file(ints / "model.safetensors")
+    tensors["model.norm.weight"] = torch.ones_like(tensors["model.norm.weight"], dtype=torch.int32)
+    save_file(tensors, ints / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(HFError, match=r"weight model.norm.weight is torch.int32, not a floating-point"):
+        gpt_from_hf(str(ints))
+    evil = tmp_path / "evil"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64,
+                                                         n_positions=32)).save_pretrained(evil)
+    os.remove(evil / "model.safetensors")
+    torch.save({"x": subprocess.Popen}, evil / "pytorch_model.bin")  # a global: refused by weights_only
+    with pytest.raises(HFError, match=r"evil: the weights file holds Python objects other than tensors"):
+        gpt_from_hf(str(evil))
+
+
+def test_hf_export_onto_a_file_is_refused(tmp_path, char_ckpt):
+    from hf import HFError, export_hf
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(HFError, match=r"--out=.*taken is a file, not a directory"):
+        export_hf(str(char_ckpt / "ckpt.pt"), str(tmp_path / "taken"))
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_sample_prompts_and_lengths_that_cannot_be(tmp_path, char_ckpt):
+    (tmp_path / "prompt.txt").write_bytes(b"caf\xe9\n")
+    base = [f"--out_dir={char_ckpt}", "--device=cpu", "--num_samples=1"]
+    results = run_cases("sample.py", [base + [f"--start=FILE:{tmp_path / 'prompt.txt'}"],
+                                      base + ["--max_new_tokens=10000000000"]])
+    assert results[0][0] == "error" and "prompt.txt: not UTF-8 text (byte 0xe9" in results[0][1], results
+    assert results[1][0] == "error" and "max_new_tokens=10,000,000,000" in results[1][1], results
+
+
+def test_metrics_jsonl_that_is_a_directory(tmp_path):
+    from configurator import UserError
+    from metrics import MetricsLogger
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(UserError, match=r"metrics.jsonl is not a file"):
+        MetricsLogger(str(tmp_path), start_iter=5)
+
+
+def test_resume_override_of_a_key_nanogpt_lacks_is_never_ignored(tmp_path, char_data):
+    """nanoGPT's model_args have no mlp: --mlp=gelu_exact on a resume of its checkpoint is
+    either applied (the saved model_args say gelu_exact) or refused in one line."""
+    import torch
+    from test_safety import nanogpt_checkpoint
+    out = tmp_path / "nano"
+    out.mkdir()
+    ckpt, _, _ = nanogpt_checkpoint(vocab_size=load_meta(char_data)["vocab_size"])
+    torch.save(ckpt, out / "ckpt.pt")
+    [(status, message)] = run_cases("train.py", [tiny(out, char_data, init_from="resume", mlp="gelu_exact",
+                                                      bias=False, max_iters=4)])
+    if status == "error":
+        assert "mlp" in message and "gelu_exact" in message, message
+    else:
+        assert status == "ok", message
+        assert torch.load(out / "ckpt.pt", weights_only=True)["model_args"]["mlp"] == "gelu_exact"
+
+
+# ----------------------------------------------------------------------------------------
+# globs through symlink loops
+
+
+@pytest.mark.parametrize("loops", [1, 2])
+def test_glob_through_symlink_loops_takes_each_file_once(tmp_path, loops):
+    root = tmp_path / "d"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.txt").write_text("the one document\n")
+    (root / "b.txt").write_text("and another\n")
+    for k in range(loops):
+        os.symlink(root, root / "sub" / f"loop{k}")  # d/sub/loop0 -> d
+    r = run(PREPARE, f"--input={root}/**/*.txt", "--encoding=char", f"--out_dir={tmp_path / 'out'}",
+            "--num_proc=1", timeout=60)
+    assert r.returncode == 0, r.stderr
+    meta = load_meta(tmp_path / "out")
+    assert [os.path.basename(i["path"]) for i in meta["source"]["inputs"]] == ["b.txt", "a.txt"]
