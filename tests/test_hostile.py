@@ -538,3 +538,107 @@ def test_glob_through_symlink_loops_takes_each_file_once(tmp_path, loops):
     assert r.returncode == 0, r.stderr
     meta = load_meta(tmp_path / "out")
     assert [os.path.basename(i["path"]) for i in meta["source"]["inputs"]] == ["b.txt", "a.txt"]
+
+
+# ----------------------------------------------------------------------------------------
+# fault injection: kill -9 and SIGTERM at random points, then the result of an uninterrupted run
+
+
+def interrupt(cmd, log_path, rng, ready=None, after=1.0, startup=3.0):
+    """Start cmd, then kill -9 or SIGTERM it at a random moment: within `startup` seconds of
+    its start, or (7 times in 10) within `after` seconds of `ready` appearing in its log.
+    Returns (signal name, exit code)."""
+    import signal
+    import time
+    from trainutil import child_env
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            if ready and rng.random() < 0.7:
+                deadline = time.monotonic() + 120
+                while ready not in open(log_path).read() and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                time.sleep(rng.uniform(0.0, after))
+            else:
+                time.sleep(rng.uniform(0.3, startup))
+            sig = signal.SIGKILL if rng.random() < 0.5 else signal.SIGTERM
+            if proc.poll() is None:
+                proc.send_signal(sig)
+            rc = proc.wait(timeout=120)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # our own process group: encoder workers, if any
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    return sig.name, rc
+
+
+@pytest.mark.slow
+def test_faults_at_random_points_give_the_uninterrupted_result(tmp_path, char_data):
+    """8 kill -9s and SIGTERMs at random moments of training (start-up, steps, evals, every-step
+    checkpoint writes), each followed by a restart with init_from='auto'; then 6 at random
+    moments of a --resume prepare. The trained weights, optimizer state and logged losses
+    equal an uninterrupted run's bitwise, and the prepared files an uninterrupted prepare's."""
+    import random
+    from test_resume import assert_same
+    from trainutil import TRAIN, load_ckpt, read_metrics, run_train, step_losses
+    rng = random.Random(23)
+    settings = dict(max_iters=60, lr_decay_iters=60, warmup_iters=4, eval_interval=8, ckpt_interval=1,
+                    dropout=0.1, gradient_accumulation_steps=2, init_from="auto")
+    straight, faulted = str(tmp_path / "straight"), str(tmp_path / "faulted")
+    run_train(straight, char_data, **settings)
+    cmd = [sys.executable, TRAIN, *tiny(faulted, char_data, **settings)]
+    seen, last = [], 0
+    for _ in range(8):
+        sig, rc = interrupt(cmd, tmp_path / "train.log", rng, ready=": loss ", after=2.5, startup=6.0)
+        text = (tmp_path / "train.log").read_text()
+        assert "Traceback" not in text, text[-3000:]
+        assert rc in (0, -9, -15), (sig, rc, text[-2000:])  # -15: SIGTERM before the handler is set
+        if os.path.exists(os.path.join(faulted, "ckpt.pt")):
+            now = load_ckpt(faulted)["iter_num"]
+            assert now >= last, "the checkpoint went back in time"
+            last = now
+        seen.append((sig, rc, last))
+    print("\ntraining faults (signal, exit code, checkpoint iter):", seen)
+    assert sum(0 < it < settings["max_iters"] for *_, it in seen) >= 4, "too few faults landed inside training"
+    run_train(faulted, char_data, **settings)
+    a, b = load_ckpt(straight), load_ckpt(faulted)
+    assert a["iter_num"] == b["iter_num"] == settings["max_iters"]
+    assert_same(a["model"], b["model"], "model")
+    assert_same(a["optimizer"], b["optimizer"], "optimizer")
+    assert step_losses(read_metrics(faulted)) == step_losses(read_metrics(straight))
+
+    # prepare: several inputs and a bpe tokenizer, encoded by 2 processes
+    src = tmp_path / "src"
+    src.mkdir()
+    text = open(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")).read() \
+        if os.path.exists(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")) else LINES * 20
+    for k in range(4):
+        (src / f"part{k}.txt").write_text(text[k * len(text) // 4:(k + 1) * len(text) // 4])
+    (src / "extra.jsonl.gz").write_bytes(gzip.compress("".join(
+        json.dumps({"text": text[i:i + 500]}) + "\n" for i in range(0, len(text), 500)).encode()))
+    args = [f"--input={src}", "--encoding=bpe:512", "--num_proc=2", "--resume"]
+    import time
+    t0 = time.monotonic()
+    r = run(PREPARE, *args, f"--out_dir={tmp_path / 'ref'}")
+    assert r.returncode == 0, r.stderr
+    duration = time.monotonic() - t0
+    cmd = [sys.executable, PREPARE, *args, f"--out_dir={tmp_path / 'data'}"]
+    seen = []
+    for _ in range(6):
+        sig, rc = interrupt(cmd, tmp_path / "prepare.log", rng, startup=duration)
+        log = (tmp_path / "prepare.log").read_text()
+        assert "Traceback" not in log, log[-3000:]
+        seen.append((sig, rc, sorted(os.listdir(tmp_path / "data")) if (tmp_path / "data").exists() else None))
+        if rc == 0:  # finished before the fault: start over for the next one
+            for name in os.listdir(tmp_path / "data"):
+                os.remove(tmp_path / "data" / name)
+    print("prepare faults (signal, exit code):", seen)
+    r = run(PREPARE, *args, f"--out_dir={tmp_path / 'data'}")
+    assert r.returncode == 0, r.stderr
+    ref, got = tmp_path / "ref", tmp_path / "data"
+    assert sorted(os.listdir(got)) == sorted(os.listdir(ref))
+    for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):
+        assert (got / name).read_bytes() == (ref / name).read_bytes(), name
