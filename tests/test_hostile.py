@@ -248,66 +248,98 @@ def tiny(out, data, **overrides):
     return train_args(str(out), str(data), **overrides)
 
 
-def test_train_settings_that_make_no_sense_stop_before_anything_is_written(tmp_path, char_data):
-    """Each is one error line naming the setting, and out_dir is not even created."""
-    (tmp_path / "latin1.py").write_bytes(b"learning_rate = 1e-3  # caf\xe9\n")
-    cases = {
-        "init_from=gpt2-foo": (dict(init_from="gpt2-foo"), "init_from='gpt2-foo' is not valid"),
-        "missing data dir": (dict(data_dir=str(tmp_path / "nodata")), "nodata not found"),
-        "learning_rate=1e999": (dict(learning_rate="1e999"), "learning_rate=inf is not valid"),
-        "min_lr > learning_rate": (dict(min_lr=1e-2, learning_rate=1e-3), "min_lr=0.01 is above learning_rate"),
-        "warmup past decay": (dict(warmup_iters=100, lr_decay_iters=10), "warmup_iters=100 is past lr_decay_iters=10"),
-        "huge seed": (dict(seed=99999999999999999999), "seed=99999999999999999999 is not valid"),
-        "config not utf-8": (dict(_config=str(tmp_path / "latin1.py")), "latin1.py: not UTF-8"),
-    }
-    argvs = []
-    for name, (overrides, _) in cases.items():
-        config = overrides.pop("_config", None)
-        data = overrides.pop("data_dir", char_data)
-        argvs.append(([config] if config else []) + tiny(tmp_path / name.replace(" ", "_"), data, **overrides))
-    for (name, (_, needle)), (status, message) in zip(cases.items(), run_cases("train.py", argvs)):
-        assert status == "error" and needle in message, (name, status, message)
-        assert not (tmp_path / name.replace(" ", "_")).exists(), f"{name}: out_dir was created"
+# train.py cases that stop before training (or after a few steps), in one process; name:
+# (overrides, what the error says); an out_dir per case (setup in train_runs)
+SETTINGS_CASES = {
+    "init_from=gpt2-foo": (dict(init_from="gpt2-foo"), "init_from='gpt2-foo' is not valid"),
+    "missing data dir": (dict(data_dir="nodata"), "nodata not found"),
+    "learning_rate=1e999": (dict(learning_rate="1e999"), "learning_rate=inf is not valid"),
+    "min_lr > learning_rate": (dict(min_lr=1e-2, learning_rate=1e-3), "min_lr=0.01 is above learning_rate"),
+    "warmup past decay": (dict(warmup_iters=100, lr_decay_iters=10), "warmup_iters=100 is past lr_decay_iters=10"),
+    "huge seed": (dict(seed=99999999999999999999), "seed=99999999999999999999 is not valid"),
+    "config not utf-8": (dict(_config="latin1.py"), "latin1.py: not UTF-8"),
+}
 
 
-def test_no_checkpoint_is_deleted_before_the_tasks_are_there(tmp_path, char_data):
-    """--overwrite=True --eval_tasks=hellaswag offline without the file: the download fails
-    before anything in out_dir is touched (it used to delete ckpt.pt first)."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "ckpt.pt").write_bytes(b"an earlier run's checkpoint")
-    (out / "metrics.jsonl").write_text('{"iter": 0, "loss": 4.0}\n')
-    argv = tiny(out, char_data, overwrite=True, eval_tasks="hellaswag",
-                hellaswag_path=str(tmp_path / "hs" / "hellaswag_val.jsonl"))
-    # no network here in any case; a proxy that refuses makes the download fail at once
-    [(status, message)] = run_cases("train.py", [argv], env=dict(https_proxy="http://127.0.0.1:9",
-                                                                    HTTPS_PROXY="http://127.0.0.1:9"))
-    assert status == "error" and "could not download" in message, message
-    assert (out / "ckpt.pt").read_bytes() == b"an earlier run's checkpoint"
-    assert (out / "metrics.jsonl").exists() and not (out / ".lock").exists()
-
-
-def test_nan_runs_and_nan_checkpoints_end_non_zero(tmp_path, char_data):
-    """A run whose last steps were all skipped as non-finite (learning_rate=1e30 makes the
-    weights overflow) ends with an error, not exit 0; resuming a checkpoint with a NaN weight
-    is refused before anything is written, the checkpoint unchanged."""
+@pytest.fixture(scope="module")
+def train_runs(tmp_path_factory, char_data):
+    """{case: (status, message, out_dir)} of every train.py case below, run in one process."""
     import torch
-    from test_safety import our_checkpoint
-    nan_dir = tmp_path / "nan"
-    nan_dir.mkdir()
-    ckpt, path, _, _ = our_checkpoint(nan_dir)
+    from test_safety import nanogpt_checkpoint, our_checkpoint
+    root = tmp_path_factory.mktemp("train_cases")
+    (root / "latin1.py").write_bytes(b"learning_rate = 1e-3  # caf\xe9\n")
+    argvs = {}
+    for name, (overrides, _) in SETTINGS_CASES.items():
+        overrides = dict(overrides)
+        config = [str(root / overrides.pop("_config"))] if "_config" in overrides else []
+        data = str(root / overrides.pop("data_dir")) if "data_dir" in overrides else char_data
+        argvs[name] = (config + tiny(root / name.replace(" ", "_"), data, **overrides), root / name.replace(" ", "_"))
+    # --overwrite=True over an earlier run, eval_tasks=hellaswag whose file is missing and offline
+    (root / "overwrite").mkdir()
+    (root / "overwrite" / "ckpt.pt").write_bytes(b"an earlier run's checkpoint")
+    (root / "overwrite" / "metrics.jsonl").write_text('{"iter": 0, "loss": 4.0}\n')
+    argvs["overwrite"] = (tiny(root / "overwrite", char_data, overwrite=True, eval_tasks="hellaswag",
+                               hellaswag_path=str(root / "hs" / "hellaswag_val.jsonl")), root / "overwrite")
+    # learning_rate=1e30 overflows the weights: every step after the first is non-finite
+    argvs["big lr"] = (tiny(root / "big_lr", char_data, learning_rate=1e30, max_iters=4, max_bad_steps=5),
+                       root / "big_lr")
+    # a checkpoint holding a NaN weight
+    (root / "nan").mkdir()
+    ckpt, path, _, _ = our_checkpoint(root / "nan")
     ckpt["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
     torch.save(ckpt, path)
-    before = open(path, "rb").read()
-    results = run_cases("train.py", [
-        tiny(tmp_path / "big_lr", char_data, learning_rate=1e30, max_iters=4, max_bad_steps=5),
-        tiny(nan_dir, char_data, init_from="resume"),
-    ])
-    (status, message), (status2, message2) = results
+    argvs["nan ckpt"] = (tiny(root / "nan", char_data, init_from="resume"), root / "nan")
+    # nanoGPT's checkpoint (no 'mlp' in its model_args) resumed with --mlp=gelu_exact
+    (root / "nano").mkdir()
+    torch.save(nanogpt_checkpoint(vocab_size=load_meta(char_data)["vocab_size"])[0], root / "nano" / "ckpt.pt")
+    argvs["nanogpt mlp"] = (tiny(root / "nano", char_data, init_from="resume", mlp="gelu_exact", bias=False,
+                                 max_iters=4), root / "nano")
+    before = {name: {f: (d / f).read_bytes() for f in os.listdir(d)} if d.exists() else None
+              for name, (_, d) in argvs.items()}
+    # no network here in any case; a proxy that refuses makes a download fail at once
+    results = run_cases("train.py", [argv for argv, _ in argvs.values()],
+                        env=dict(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9"))
+    return {name: (status, message, d, before[name]) for (name, (_, d)), (status, message) in zip(argvs.items(), results)}
+
+
+@pytest.mark.parametrize("case", list(SETTINGS_CASES))
+def test_train_settings_that_make_no_sense_stop_before_anything_is_written(train_runs, case):
+    """Each is one error line naming the setting, and out_dir is not even created."""
+    status, message, out, _ = train_runs[case]
+    assert status == "error" and SETTINGS_CASES[case][1] in message, (status, message)
+    assert not out.exists(), "out_dir was created"
+
+
+def test_no_checkpoint_is_deleted_before_the_tasks_are_there(train_runs):
+    """--overwrite=True --eval_tasks=hellaswag offline without the file: the download fails
+    before anything in out_dir is touched (it used to delete ckpt.pt first)."""
+    status, message, out, before = train_runs["overwrite"]
+    assert status == "error" and "could not download" in message, message
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # not even a .lock
+
+
+def test_nan_runs_and_nan_checkpoints_end_non_zero(train_runs):
+    """A run whose last steps were all skipped as non-finite ends with an error naming the last
+    checkpoint, not exit 0; resuming a checkpoint with a NaN weight is refused before anything
+    is written, the checkpoint unchanged."""
+    status, message, _, _ = train_runs["big lr"]
     assert status == "error" and "non-finite step(s) in a row" in message, message
     assert "no checkpoint has been written" in message
-    assert status2 == "error" and "weight transformer.h.0.mlp.c_fc.weight holds NaN/inf" in message2, message2
-    assert open(path, "rb").read() == before
+    status, message, out, before = train_runs["nan ckpt"]
+    assert status == "error" and "weight transformer.h.0.mlp.c_fc.weight holds NaN/inf" in message, message
+    assert {f: (out / f).read_bytes() for f in os.listdir(out) if f != ".lock"} == before  # its own lock
+
+
+def test_resume_override_of_a_key_nanogpt_lacks_is_never_ignored(train_runs):
+    """nanoGPT's model_args have no mlp: --mlp=gelu_exact on a resume of its checkpoint is
+    either applied (the saved model_args say gelu_exact) or refused in one line."""
+    import torch
+    status, message, out, _ = train_runs["nanogpt mlp"]
+    if status == "error":
+        assert "mlp" in message and "gelu_exact" in message, message
+    else:
+        assert status == "ok", message
+        assert torch.load(out / "ckpt.pt", weights_only=True)["model_args"]["mlp"] == "gelu_exact"
 
 
 # ----------------------------------------------------------------------------------------
@@ -501,24 +533,6 @@ def test_metrics_jsonl_that_is_a_directory(tmp_path):
     (tmp_path / "metrics.jsonl").mkdir()
     with pytest.raises(UserError, match=r"metrics.jsonl is not a file"):
         MetricsLogger(str(tmp_path), start_iter=5)
-
-
-def test_resume_override_of_a_key_nanogpt_lacks_is_never_ignored(tmp_path, char_data):
-    """nanoGPT's model_args have no mlp: --mlp=gelu_exact on a resume of its checkpoint is
-    either applied (the saved model_args say gelu_exact) or refused in one line."""
-    import torch
-    from test_safety import nanogpt_checkpoint
-    out = tmp_path / "nano"
-    out.mkdir()
-    ckpt, _, _ = nanogpt_checkpoint(vocab_size=load_meta(char_data)["vocab_size"])
-    torch.save(ckpt, out / "ckpt.pt")
-    [(status, message)] = run_cases("train.py", [tiny(out, char_data, init_from="resume", mlp="gelu_exact",
-                                                      bias=False, max_iters=4)])
-    if status == "error":
-        assert "mlp" in message and "gelu_exact" in message, message
-    else:
-        assert status == "ok", message
-        assert torch.load(out / "ckpt.pt", weights_only=True)["model_args"]["mlp"] == "gelu_exact"
 
 
 # ----------------------------------------------------------------------------------------
