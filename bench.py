@@ -126,8 +126,8 @@ def run_command(argv, env=None, echo=False, shell=False, stamps=None):
         lines.append(line)
         if stamps is not None:
             stamps.append((time.perf_counter() - t0, line))
-        if echo:
-            print(line, end="", flush=True)
+        if echo:  # timed runs show when each line came, so a cut-off run still tells its times
+            print(f"[{time.perf_counter() - t0:7.1f}s] " * (stamps is not None) + line, end="", flush=True)
     proc.stdout.close()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap it again

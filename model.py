@@ -464,12 +464,12 @@ class GPT(nn.Module):
                     if self.training:
                         logits = self(step, kv_cache=cache, sliding=sliding)[0]
                     elif graphs is not None and cache.pos < bs:
-                        logits = graphs.step(step, cache)
+                        logits = graphs.step(self, step, cache)
                     else:
                         logits = self.decode(step, cache, params)
                 else:
                     keep = bs if (window != "chunked" or L <= bs) else max(1, bs // 2)
-                    cache = graphs.new_cache(KVCache) if graphs else KVCache(self.config.n_layer)
+                    cache = graphs.new_cache(KVCache, self.config.n_layer) if graphs else KVCache(self.config.n_layer)
                     logits, _ = self(seq[:, max(0, L - keep):L], kv_cache=cache)
             next_token = sample_next(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
             seq[:, L:L + 1] = next_token

@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from gpt_trainer.cuda_decode import DECODERS
 from metrics import read_metrics
 from model import GPT, GPTConfig
 from test_model import ARCHS, TINY as TINY_MODEL, tiny_model
@@ -134,7 +135,7 @@ def test_architecture_trains_and_decodes(arch):
     model = tiny_model(**ARCHS[arch]).cuda()
     prompt = torch.randint(64, (2, 3), device="cuda")
     graphs = model.generate(prompt, 25, temperature=0)
-    assert model._graph_decoders, "generate did not use CUDA graphs"
+    assert DECODERS.get(model), "generate did not use CUDA graphs"
     full = model.generate(prompt, 25, temperature=0, use_cache=False)
     eager = model.generate(prompt, 25, temperature=0, cuda_graphs=False)
     assert torch.equal(graphs, eager) and torch.equal(graphs, full), (graphs, eager, full)
