@@ -213,7 +213,7 @@ def bench_ours(setting, common, args):
         rc, output, maxrss, seen, wall = run_command(argv, {**os.environ, **env}, args.verbose)
         if rc != 0:
             fail(rc, argv, output)
-        from metrics import read_metrics
+        from gpt_trainer.metrics import read_metrics
         records = read_metrics(out_dir) or log_records(output)
     result = summarize(records, args.warmup, maxrss, seen, wall)
     result["command"] = " ".join(f"{k}={v}" for k, v in env.items()) + " " * bool(env) + shlex.join(argv)

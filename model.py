@@ -1,7 +1,7 @@
 """
 A GPT language model in one file. The default GPTConfig is exactly GPT-2 (learned
 positions, LayerNorm, GELU, tied embeddings) with the Hugging Face GPT-2 parameter names,
-so weights move both ways with a plain name map (see hf.py). Every other architecture
+so weights move both ways with a plain name map (see gpt_trainer/hf.py). Every other architecture
 option (RoPE, RMSNorm, ReLU^2, SwiGLU, grouped-query attention, QK-norm, untied head,
 logit soft-capping) is a GPTConfig field, so a checkpoint's model_args rebuild it exactly.
 """
@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cpu_kernels import Linear, attention, decoding
+from gpt_trainer.cpu_kernels import Linear, attention, decoding
 
 WINDOWS = ("exact", "chunked", "sliding")  # generation past block_size, see generate_stream
 RECOMPUTE = ("none", "block", "attn", "mlp")  # activation checkpointing, see GPT.set_recompute

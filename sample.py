@@ -12,13 +12,13 @@ import sys
 
 import torch
 
-from checkpoint import build_model, load_checkpoint
+from gpt_trainer.checkpoint import build_model, load_checkpoint
 from configurator import UserError, configure, install_error_hook
-from dataloader import load_meta
-from hf import gpt_from_hf, hf_tokenizer
+from gpt_trainer.dataloader import load_meta
+from gpt_trainer.hf import gpt_from_hf, hf_tokenizer
 from model import WINDOWS
-from runtime import autocast_context, resolve_device, resolve_dtype
-from tokenizer import tokenizer_from_meta
+from gpt_trainer.runtime import autocast_context, resolve_device, resolve_dtype
+from gpt_trainer.tokenizer import tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
 # settings

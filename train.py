@@ -23,17 +23,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (build_model, check_model_args, claim_out_dir, last_saved, load_resume_point, model_config,
+from gpt_trainer.checkpoint import (build_model, check_model_args, claim_out_dir, last_saved, load_resume_point, model_config,
                         resume_training, save_training_state, save_weights, start_over)
 from configurator import (ANY, ConfigError, UserError, at_least, check_settings, configure, in_range,
                           install_error_hook, one_of)
-from dataloader import BatchLoader, check_same_tokenizer, load_meta, open_dataset
-from evaluate import (TASKS, estimate_loss, eval_tokenizer, format_results, load_tasks, parse_tasks, score_tasks,
+from gpt_trainer.dataloader import BatchLoader, check_same_tokenizer, load_meta, open_dataset
+from gpt_trainer.evaluation import (TASKS, estimate_loss, eval_tokenizer, format_results, load_tasks, parse_tasks, score_tasks,
                       token_byte_lengths)
-from metrics import MetricsLogger
+from gpt_trainer.metrics import MetricsLogger
 from model import CHOICES, GPT, GPTConfig, RECOMPUTE
-from optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
-from runtime import (StopSignal, autocast_context, derive_grad_accum, init_distributed, keep_freed_memory,
+from gpt_trainer.optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
+from gpt_trainer.runtime import (StopSignal, autocast_context, derive_grad_accum, init_distributed, keep_freed_memory,
                      peak_flops, peak_gpu_memory_mb, report_dead_ranks, resolve_device, resolve_dtype,
                      set_grad_sync, shard_model, try_compile)
 
@@ -217,7 +217,7 @@ if __name__ == "__main__":
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         bad_steps = ckpt.get("bad_steps", 0)
     else:
-        from hf import check_hf_overrides, gpt_from_hf
+        from gpt_trainer.hf import check_hf_overrides, gpt_from_hf
         check_hf_overrides({k: config[k] for k in explicit & set(MODEL_KEYS) - {"block_size"}})
         model = gpt_from_hf(init_from, dropout=dropout)
         if block_size < model.config.block_size:

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader import (BatchLoader, DataError, TokenFile, check_same_tokenizer, get_batch,
+from gpt_trainer.dataloader import (BatchLoader, DataError, TokenFile, check_same_tokenizer, get_batch,
                         load_meta, open_dataset)
-from tokenizer import CharTokenizer, get_tokenizer, load_tokenizer, tokenizer_from_meta
+from gpt_trainer.tokenizer import CharTokenizer, get_tokenizer, load_tokenizer, tokenizer_from_meta
 from trainutil import corpus_text, need_tiktoken, one_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import hf
+import export
+from gpt_trainer import hf
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -126,7 +127,7 @@ def test_export_trained_checkpoint(tmp_path):
     model = train_tiny_gpt()
     ckpt = save_ours(model, str(tmp_path / "ckpt.pt"), meta={"encoding": "gpt2", "vocab_size": 50257})
     out = str(tmp_path / "hf")
-    hf.main([f"--ckpt={ckpt}", f"--out={out}"])
+    export.main([f"--ckpt={ckpt}", f"--out={out}"])
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
     assert config["vocab_size"] == 50304 and config["n_positions"] == 16  # padded rows kept
@@ -157,7 +158,7 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, option, value):
     model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16, **{option: value}))
     ckpt = save_ours(model, str(tmp_path / "ckpt.pt"))
     with pytest.raises(hf.HFError, match=f"{option}={value!r}"):
-        hf.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'hf'}"])
+        export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'hf'}"])
     assert not os.path.exists(tmp_path / "hf")  # refused before writing anything
 
 

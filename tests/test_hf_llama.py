@@ -14,10 +14,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import hf
-from dataloader import DataError
+import export
+from gpt_trainer import hf
+from gpt_trainer.dataloader import DataError
 from model import GPT, GPTConfig
-from tokenizer import HFTokenizer, get_tokenizer, tokenizer_from_meta
+from gpt_trainer.tokenizer import HFTokenizer, get_tokenizer, tokenizer_from_meta
 from trainutil import (REPO, child_env, corpus_text, need_tiktoken, one_error_line, read_metrics, run_torchrun, run_train,
                        step_losses)
 
@@ -189,7 +190,7 @@ def our_model(name, seed=0):
 def test_export_matches_transformers(name, tmp_path):
     model = our_model(name)
     out = str(tmp_path / "hf")
-    hf.main([f"--ckpt={save_ours(model, str(tmp_path / 'ckpt.pt'))}", f"--out={out}"])
+    export.main([f"--ckpt={save_ours(model, str(tmp_path / 'ckpt.pt'))}", f"--out={out}"])
     exported, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     exported.eval()
     assert not any(info.values()), info  # no missing, unexpected or mismatched weights
@@ -225,7 +226,7 @@ def test_export_refuses_what_llama_and_qwen3_cannot_express(tmp_path, options, m
     config = {**BASE, "n_layer": 1, "n_head": 2, "n_embd": 16, **options}
     ckpt = save_ours(GPT(GPTConfig(**config)), str(tmp_path / "ckpt.pt"))
     with pytest.raises(hf.HFError, match=message) as e:
-        hf.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'hf'}"])
+        export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'hf'}"])
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "hf")  # refused before writing anything
 
@@ -416,7 +417,7 @@ def test_finetune_resume_sample_export(tmp_path, finetune_setup):
 
 
 def assert_cache_equals_recomputation(out_dir):
-    from checkpoint import build_model, load_checkpoint
+    from gpt_trainer.checkpoint import build_model, load_checkpoint
     path = os.path.join(out_dir, "ckpt.pt")
     model = build_model(load_checkpoint(path), path).eval()
     idx = random_idx(model.config.vocab_size, 5, seed=3)
@@ -439,7 +440,7 @@ def greedy_sample_py(source, tok, generate):
 
 
 def assert_sample_py_decodes(out_dir, model_dir):
-    from checkpoint import build_model, load_checkpoint
+    from gpt_trainer.checkpoint import build_model, load_checkpoint
     path = os.path.join(out_dir, "ckpt.pt")
     model = build_model(load_checkpoint(path), path).eval()
     greedy_sample_py(f"--out_dir={out_dir}", get_tokenizer(f"hf:{model_dir}"),
@@ -455,10 +456,10 @@ def test_sample_py_from_an_hf_dir_gives_transformers_greedy_text(finetune_setup)
 
 
 def assert_exported_like_ours(out_dir, model_dir, hf_out):
-    from checkpoint import build_model, load_checkpoint
+    from gpt_trainer.checkpoint import build_model, load_checkpoint
     path = os.path.join(out_dir, "ckpt.pt")
     ours = build_model(load_checkpoint(path), path).eval()
-    hf.main([f"--ckpt={path}", f"--out={hf_out}"])
+    export.main([f"--ckpt={path}", f"--out={hf_out}"])
     exported = transformers.AutoModelForCausalLM.from_pretrained(hf_out).eval()
     assert type(exported).__name__ == "Qwen3ForCausalLM"
     assert max_diff(exported, ours, random_idx(ours.config.vocab_size, 24)) <= 1e-4

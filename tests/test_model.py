@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, KVCache, sample_next
-from optim import param_groups
+from gpt_trainer.optim import param_groups
 
 BLOCK = 32
 TINY = dict(block_size=BLOCK, vocab_size=64, n_layer=2, n_head=4, n_embd=32)

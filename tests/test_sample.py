@@ -180,7 +180,7 @@ def test_local_hf_dir(tmp_path):
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:
         pytest.skip(f"tiktoken's gpt2 files are not available offline ({type(e).__name__})")
-    import hf
+    from gpt_trainer import hf
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=50257)
     transformers.GPT2LMHeadModel(config).save_pretrained(str(tmp_path / "hf"))
@@ -197,7 +197,7 @@ def test_local_hf_dir(tmp_path):
 # in-process: how samples end, print and stream (GPT-2's BPE, scripted tokens)
 
 def gpt2_tokenizer():
-    from tokenizer import get_tokenizer
+    from gpt_trainer.tokenizer import get_tokenizer
     try:
         return get_tokenizer("gpt2")
     except Exception as e:
@@ -279,7 +279,7 @@ def test_stream_holds_back_a_possible_stop_string():
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
 def test_padded_vocab_is_never_sampled(softcap):
     import sample
-    from tokenizer import CharTokenizer
+    from gpt_trainer.tokenizer import CharTokenizer
     tok = CharTokenizer(CHARS)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=BLOCK, vocab_size=64, n_layer=1, n_head=2, n_embd=32,

@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 
 from configurator import UserError
-from dataprep import fsync_dir  # torch-free, so prepare scripts share it without torch
+from gpt_trainer.dataprep import fsync_dir  # torch-free, so prepare scripts share it without torch
 from model import GPT, GPTConfig
-from runtime import full_state_dict
+from gpt_trainer.runtime import full_state_dict
 
 
 class CheckpointError(UserError):
@@ -565,12 +565,3 @@ def consolidate(out_dir, path=None):
     path = path or os.path.join(out_dir, "ckpt.pt")
     save_checkpoint(ckpt, path)
     return path
-
-
-if __name__ == "__main__":
-    from configurator import install_error_hook
-    install_error_hook()
-    if len(sys.argv) not in (3, 4) or sys.argv[1] != "consolidate":
-        raise UserError("usage: python checkpoint.py consolidate OUT_DIR [CKPT_PATH]  "
-                        "(FSDP sharded checkpoint -> one ckpt.pt for sample.py and hf.py)")
-    print(f"wrote {consolidate(*sys.argv[2:])}")

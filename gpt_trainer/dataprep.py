@@ -28,8 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import ArgumentParser
-from dataloader import DataError, dtype_for_vocab
-from tokenizer import CharTokenizer, tokenizer_from_meta, train_bpe
+from gpt_trainer.dataloader import DataError, dtype_for_vocab
+from gpt_trainer.tokenizer import CharTokenizer, tokenizer_from_meta, train_bpe
 
 META = "meta.json"
 PROGRESS = "prepare.progress.json"  # a --resume run's record of what is already done

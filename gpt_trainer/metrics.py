@@ -7,7 +7,7 @@ import math
 import os
 import sys
 
-from checkpoint import write_failure
+from gpt_trainer.checkpoint import write_failure
 from configurator import UserError
 
 
