@@ -43,6 +43,8 @@ import torch.distributed as dist  # noqa: E402
 from configurator import ConfigError, configure, install_error_hook  # noqa: E402
 from gpt_trainer.evaluation import (estimate_loss, format_results, load_tasks, parse_tasks, score_tasks,  # noqa: E402
                                     token_byte_lengths)
+from gpt_trainer.loading import checkpoint_data_dir  # noqa: E402
+from gpt_trainer.loading import load_model as load_model_for_inference  # noqa: E402
 from gpt_trainer.tokenizer import tokenizer_from_meta  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -50,19 +52,10 @@ from gpt_trainer.tokenizer import tokenizer_from_meta  # noqa: E402
 
 def load_model(s):
     """(model, tokenizer, where it came from, data dir for 'val' or '')."""
-    from gpt_trainer.checkpoint import build_model, load_checkpoint
-    from gpt_trainer.hf import gpt_from_hf
-    from sample import checkpoint_path, checkpoint_tokenizer
-    from gpt_trainer.tokenizer import get_tokenizer
+    model, tok, source, config = load_model_for_inference(s["init_from"], s["out_dir"], s["ckpt"])
     explicit_dir = s["data_dir"] or (os.path.join("data", s["dataset"]) if s["dataset"] else "")
-    if s["init_from"] != "resume":
-        return gpt_from_hf(s["init_from"]), get_tokenizer("gpt2"), s["init_from"], explicit_dir
-    path = checkpoint_path(s["out_dir"], s["ckpt"])
-    checkpoint = load_checkpoint(path)
-    config = checkpoint.get("config") or {}
-    own_dir = config.get("data_dir") or os.path.join("data", config.get("dataset", ""))
-    data_dir = explicit_dir or (own_dir if os.path.isdir(own_dir) else "")
-    return build_model(checkpoint, path), checkpoint_tokenizer(checkpoint), path, data_dir
+    own_dir = checkpoint_data_dir(config) if config else ""
+    return model, tok, source, explicit_dir or (own_dir if os.path.isdir(own_dir) else "")
 
 
 def main(s):

@@ -10,8 +10,25 @@ import os
 import sys
 
 from configurator import ArgumentParser, install_error_hook
-from gpt_trainer.checkpoint import consolidate
-from gpt_trainer.hf import export_hf
+from gpt_trainer.checkpoint import build_model, consolidate, load_checkpoint
+from gpt_trainer.hf import checkpoint_tokenizer_files, export_model, read_gpt2_tokenizer_files
+
+
+def export_hf(ckpt_path, out_dir):
+    """Export one of our checkpoints with its tokenizer: the HF or bpe tokenizer its data was
+    encoded with, or GPT-2's files when its data was GPT-2 BPE. Returns (model, what tokenizer
+    was written: 'hf', 'bpe', 'gpt2' or None)."""
+    ckpt = load_checkpoint(ckpt_path)
+    model = build_model(ckpt, ckpt_path)
+    meta = ckpt.get("meta") or {}
+    tokenizer, kind = checkpoint_tokenizer_files(meta), meta.get("encoding")
+    from_gpt2 = str((ckpt.get("config") or {}).get("init_from", "")).startswith("gpt2")
+    if tokenizer is None and (kind == "gpt2" or from_gpt2):
+        tokenizer, kind = "gpt2", "gpt2"
+    if tokenizer == "gpt2":
+        read_gpt2_tokenizer_files()  # fail before writing anything
+    export_model(model, out_dir, tokenizer, source=ckpt_path)
+    return model, kind if tokenizer else None
 
 
 def main(argv):

@@ -12,13 +12,10 @@ import sys
 
 import torch
 
-from gpt_trainer.checkpoint import build_model, load_checkpoint
 from configurator import UserError, configure, install_error_hook
-from gpt_trainer.dataloader import load_meta
-from gpt_trainer.hf import gpt_from_hf, hf_tokenizer
-from model import WINDOWS
+from gpt_trainer.loading import load_model
 from gpt_trainer.runtime import autocast_context, resolve_device, resolve_dtype
-from gpt_trainer.tokenizer import tokenizer_from_meta
+from model import WINDOWS
 
 # -----------------------------------------------------------------------------
 # settings
@@ -66,32 +63,6 @@ def unescape(text):
         return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as e:
         raise SampleError(f"stop={text!r}: {e.reason} (a lone backslash? write \\\\ for one)")
-
-
-def checkpoint_path(out_dir, ckpt):
-    if ckpt != "auto":
-        return ckpt
-    best = os.path.join(out_dir, "best.pt")  # written only when it beat every earlier eval
-    return best if os.path.exists(best) else os.path.join(out_dir, "ckpt.pt")
-
-
-def checkpoint_tokenizer(checkpoint):
-    """The tokenizer of the data the checkpoint was trained on (its meta, else its data dir)."""
-    config = checkpoint.get("config") or {}
-    data_dir = config.get("data_dir") or os.path.join("data", config.get("dataset", ""))
-    meta = checkpoint.get("meta") or (load_meta(data_dir) if os.path.isdir(data_dir) else {})
-    if not meta:
-        print("note: the checkpoint records no tokenizer; assuming GPT-2's", file=sys.stderr)
-    return tokenizer_from_meta(meta, data_dir)
-
-
-def load_model(init_from, out_dir, ckpt):
-    """(model, tokenizer, where the model came from)."""
-    if init_from == "resume":
-        path = checkpoint_path(out_dir, ckpt)
-        checkpoint = load_checkpoint(path)
-        return build_model(checkpoint, path), checkpoint_tokenizer(checkpoint), path
-    return gpt_from_hf(init_from), hf_tokenizer(init_from), init_from
 
 
 def read_prompt(start):
@@ -219,7 +190,7 @@ if __name__ == "__main__":
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     ctx = autocast_context(device_type, resolve_dtype(dtype, device_type))
     torch.backends.cuda.matmul.allow_tf32 = True
-    model, tok, source = load_model(init_from, out_dir, ckpt)
+    model, tok, source, _ = load_model(init_from, out_dir, ckpt)
     model = prepare_model(model, tok, device, compile, window)
     print(f"{source}: {model.get_num_params() / 1e6:.2f}M parameters, block_size "
           f"{model.config.block_size}, tokenizer {tok.name} ({tok.vocab_size} tokens), {device}",

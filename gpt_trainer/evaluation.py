@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from configurator import ConfigError
-from gpt_trainer.dataloader import DataError, get_batch
-from gpt_trainer.dataprep import download
+from gpt_trainer.dataloader import get_batch
+from gpt_trainer.errors import ConfigError, DataError
+from gpt_trainer.fsutil import download
 from gpt_trainer.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, tokenizer_from_meta
 
 EVAL_SEED = 0  # eval windows do not depend on the run's seed, so runs with different seeds compare

@@ -20,8 +20,7 @@ import os
 
 import torch
 
-from gpt_trainer.checkpoint import build_model, load_checkpoint
-from configurator import UserError
+from gpt_trainer.errors import HFError
 from model import GPT, GPTConfig
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -52,10 +51,6 @@ LLAMA_LAYER = {
 }
 LLAMA_TOP = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight",
              "lm_head.weight": "lm_head.weight"}
-
-
-class HFError(UserError):
-    """A model that cannot move between Hugging Face and our GPT: reported to the user as one line."""
 
 
 def check_hf_overrides(overrides):
@@ -442,20 +437,3 @@ def export_gpt2(model, out_dir, source):
                       f"unexpected {unexpected})")
     os.makedirs(out_dir, exist_ok=True)
     hf_model.save_pretrained(out_dir)  # safetensors, with the tied head stored once
-
-
-def export_hf(ckpt_path, out_dir):
-    """Export one of our checkpoints with its tokenizer: the HF or bpe tokenizer its data was
-    encoded with, or GPT-2's files when its data was GPT-2 BPE. Returns (model, what tokenizer
-    was written: 'hf', 'bpe', 'gpt2' or None)."""
-    ckpt = load_checkpoint(ckpt_path)
-    model = build_model(ckpt, ckpt_path)
-    meta = ckpt.get("meta") or {}
-    tokenizer, kind = checkpoint_tokenizer_files(meta), meta.get("encoding")
-    from_gpt2 = str((ckpt.get("config") or {}).get("init_from", "")).startswith("gpt2")
-    if tokenizer is None and (kind == "gpt2" or from_gpt2):
-        tokenizer, kind = "gpt2", "gpt2"
-    if tokenizer == "gpt2":
-        read_gpt2_tokenizer_files()  # fail before writing anything
-    export_model(model, out_dir, tokenizer, source=ckpt_path)
-    return model, kind if tokenizer else None

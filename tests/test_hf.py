@@ -87,7 +87,7 @@ def test_import_dropout_override(hf_dir):
 def test_round_trip_is_exact(hf_dir, tmp_path):
     path, reference = hf_dir
     first = hf.gpt_from_hf(path)
-    hf.export_hf(save_ours(first, str(tmp_path / "ckpt.pt")), str(tmp_path / "hf"))
+    export.export_hf(save_ours(first, str(tmp_path / "ckpt.pt")), str(tmp_path / "hf"))
     second = hf.gpt_from_hf(str(tmp_path / "hf"))
     assert second.config == first.config
     sd1, sd2 = first.state_dict(), second.state_dict()
@@ -144,7 +144,7 @@ def test_export_trained_checkpoint(tmp_path):
 
 def test_export_without_gpt2_meta_writes_no_tokenizer(tmp_path, hf_dir):
     model = hf.gpt_from_hf(hf_dir[0])
-    _, with_tokenizer = hf.export_hf(save_ours(model, str(tmp_path / "ckpt.pt"), meta={"encoding": "char"}),
+    _, with_tokenizer = export.export_hf(save_ours(model, str(tmp_path / "ckpt.pt"), meta={"encoding": "char"}),
                                      str(tmp_path / "hf"))
     assert not with_tokenizer
     files = set(os.listdir(tmp_path / "hf"))

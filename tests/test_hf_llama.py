@@ -151,7 +151,7 @@ def test_import_then_export_gives_the_same_files(hf_dir, tmp_path):
     """HF -> ours -> HF: the same tensors bit for bit, a config that loads as the same model."""
     path, _ = hf_dir
     model = hf.gpt_from_hf(path)
-    _, kind = hf.export_hf(save_ours(model, str(tmp_path / "ckpt.pt")), str(tmp_path / "hf"))
+    _, kind = export.export_hf(save_ours(model, str(tmp_path / "ckpt.pt")), str(tmp_path / "hf"))
     assert kind is None  # no tokenizer in that directory
     assert_tensors_equal(safetensors_of(str(tmp_path / "hf")), safetensors_of(path))
     with open(os.path.join(path, "config.json")) as f:
@@ -358,7 +358,7 @@ def test_export_writes_the_tokenizer_back(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**BASE, "vocab_size": tok.vocab_size}, n_layer=1, n_head=2, n_embd=16))
     out = str(tmp_path / "hf")
-    kind = hf.export_hf(save_ours(model, str(tmp_path / "ckpt.pt"), meta=meta), out)[1]
+    kind = export.export_hf(save_ours(model, str(tmp_path / "ckpt.pt"), meta=meta), out)[1]
     assert kind == "hf"
     exported = transformers.AutoTokenizer.from_pretrained(out)
     assert exported(TEXT)["input_ids"] == reference(TEXT)["input_ids"]
