@@ -469,6 +469,7 @@ def time_generate(model, prompt, case, args, seed, autocast=True):
     """(seconds, tokens) of one generation, sampled with a generator seeded by `seed`, under
     --dtype's autocast (sample.py's) unless autocast=False."""
     import torch
+    from gpt_trainer.generate import generate
     from gpt_trainer.runtime import autocast_context
     _, kind, n, use_cache, window, *graphs = case
     device = prompt.device
@@ -481,9 +482,9 @@ def time_generate(model, prompt, case, args, seed, autocast=True):
             torch.manual_seed(seed)
             out = model.generate(prompt, n, temperature=args.temperature, top_k=args.top_k or None)
         else:
-            out = model.generate(prompt, n, temperature=args.temperature, top_k=args.top_k or None,
-                                 generator=torch.Generator(device).manual_seed(seed), use_cache=use_cache,
-                                 window=window, cuda_graphs=graphs[0] if graphs else True)
+            out = generate(model, prompt, n, temperature=args.temperature, top_k=args.top_k or None,
+                           generator=torch.Generator(device).manual_seed(seed), use_cache=use_cache,
+                           window=window, cuda_graphs=graphs[0] if graphs else True)
     out = out.cpu()  # waits for the device
     return time.perf_counter() - t0, out
 

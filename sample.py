@@ -13,9 +13,9 @@ import sys
 import torch
 
 from configurator import UserError, configure, install_error_hook
+from gpt_trainer.generate import WINDOWS, decode, generate_stream
 from gpt_trainer.loading import load_model
 from gpt_trainer.runtime import autocast_context, resolve_device, resolve_dtype
-from model import WINDOWS
 
 # -----------------------------------------------------------------------------
 # settings
@@ -120,7 +120,7 @@ class Sample:
         return new
 
 
-def generate_samples(model, prompt_ids, tok, settings, streaming, ctx):
+def generate_samples(model, prompt_ids, tok, settings, streaming, ctx, decode_fn=None):
     """All num_samples in one batch; print each sample as it ends (or token by token when
     streaming). Stops early once every sample has ended."""
     s = settings
@@ -133,9 +133,10 @@ def generate_samples(model, prompt_ids, tok, settings, streaming, ctx):
     if streaming:
         sys.stdout.write(prompt_text)
     with ctx:
-        tokens = model.generate_stream(idx, s["max_new_tokens"], s["temperature"], s["top_k"] or None,
-                                       s["top_p"], generator, s["use_cache"], s["window"],
-                                       vocab_limit=tok.vocab_size)  # a padded vocab has unknown ids
+        tokens = generate_stream(model, idx, s["max_new_tokens"], s["temperature"], s["top_k"] or None,
+                                 s["top_p"], generator, s["use_cache"], s["window"],
+                                 vocab_limit=tok.vocab_size,  # a padded vocab has unknown ids
+                                 decode_fn=decode_fn)
         for next_token in tokens:
             for sample, token in zip(samples, next_token[:, 0].tolist()):
                 if not sample.done:
@@ -165,6 +166,8 @@ def print_finished(samples, printed, prompt_text):
 
 
 def prepare_model(model, tok, device, compile_model, window="exact"):
+    """(the model on device, checked against its tokenizer and window; the function of each
+    decoding step, compiled with the model when compile_model)."""
     model.eval().to(device)
     if tok.vocab_size > model.config.vocab_size:
         raise SampleError(f"the model has vocab_size {model.config.vocab_size} but its tokenizer "
@@ -172,10 +175,10 @@ def prepare_model(model, tok, device, compile_model, window="exact"):
     if window == "sliding" and model.config.pos_emb != "rope":
         raise SampleError("window='sliding' needs a RoPE model (pos_emb='rope'); this one has learned "
                           "positions: use window='exact' or 'chunked'")
-    if compile_model:
-        model.compile(dynamic=True)  # in place: the prefill's self(...) calls
-        model.decode = torch.compile(model.decode, dynamic=True)  # and each token's step
-    return model
+    if not compile_model:
+        return model, decode
+    model.compile(dynamic=True)  # in place: the prefill's self(...) calls
+    return model, torch.compile(decode, dynamic=True)  # and each token's step
 
 
 if __name__ == "__main__":
@@ -191,9 +194,9 @@ if __name__ == "__main__":
     ctx = autocast_context(device_type, resolve_dtype(dtype, device_type))
     torch.backends.cuda.matmul.allow_tf32 = True
     model, tok, source, _ = load_model(init_from, out_dir, ckpt)
-    model = prepare_model(model, tok, device, compile, window)
+    model, decode_fn = prepare_model(model, tok, device, compile, window)
     print(f"{source}: {model.get_num_params() / 1e6:.2f}M parameters, block_size "
           f"{model.config.block_size}, tokenizer {tok.name} ({tok.vocab_size} tokens), {device}",
           file=sys.stderr)
     prompt_ids = encode_prompt(tok, read_prompt(start), model.config.block_size)
-    generate_samples(model, prompt_ids, tok, settings, stream and num_samples == 1, ctx)
+    generate_samples(model, prompt_ids, tok, settings, stream and num_samples == 1, ctx, decode_fn)

@@ -9,7 +9,7 @@ import torch
 
 
 class StaticKVCache:
-    """The KVCache interface that model.decode uses, over preallocated buffers (n_layer
+    """The KVCache interface that generate.decode uses, over preallocated buffers (n_layer
     lists of (B, n_kv_head, block_size, hs)), with `pos` a (1,) long tensor on the device."""
 
     def __init__(self, k, v, pos):
@@ -28,17 +28,18 @@ class StaticKVCache:
 
 
 class GraphDecoder:
-    """model.decode for a batch of B rows captured as a CUDA graph, with its own KV cache
+    """decode_fn (generate.decode) for a batch of B rows captured as a CUDA graph, with its own KV cache
     buffers; a generation prefills them through new_cache() and then calls step() per token.
     Captured under the autocast state of the first step, so a decoder serves one dtype."""
 
-    def __init__(self, model, B, compile=False):
+    def __init__(self, model, B, decode_fn, params, compile=False):
         self.model, self.B, self.compile = model, B, compile
+        self.decode_fn, self.params = decode_fn, params
         self.k = self.v = None
         self.graph = None
 
     def new_cache(self, cache_cls):
-        """An empty cache_cls (model.KVCache) over this decoder's buffers, for the prefill."""
+        """An empty cache_cls (generate.KVCache) over this decoder's buffers, for the prefill."""
         cache = cache_cls(self.model.config.n_layer)
         if self.k is not None:
             cache.k, cache.v = list(self.k), list(self.v)
@@ -60,8 +61,9 @@ class GraphDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=token.device)
         self.token = token.clone()
         static = StaticKVCache(self.k, self.v, self.pos)
-        params = self.model.decode_params()
-        decode = torch.compile(self.model.decode, dynamic=False) if self.compile else self.model.decode
+        params, model = self.params, self.model
+        fn = torch.compile(self.decode_fn, dynamic=False) if self.compile else self.decode_fn
+        decode = lambda token, cache, params: fn(model, token, cache, params)  # noqa: E731
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: cuBLAS workspaces, compilation, autotuning
@@ -74,7 +76,7 @@ class GraphDecoder:
             self.logits = decode(self.token, static, params)
 
 
-def graph_decoder(model, B, compile=False):
+def graph_decoder(model, B, decode_fn, params, compile=False):
     """The model's GraphDecoder for B rows under the current autocast state, made once and
     kept on the model (weights updated in place are seen; moved weights make a new one)."""
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
@@ -83,5 +85,5 @@ def graph_decoder(model, B, compile=False):
     if key not in decoders:
         if len(decoders) >= 4:  # each holds a KV cache of block_size
             decoders.pop(next(iter(decoders)))
-        decoders[key] = GraphDecoder(model, B, compile)
+        decoders[key] = GraphDecoder(model, B, decode_fn, params, compile)
     return decoders[key]

@@ -129,11 +129,12 @@ def test_dropout_attention_gradients_and_masks(small_slices):
 
 def test_decoding_turns_onednn_off_for_fp32_cpu_steps_only():
     from gpt_trainer.cpu_kernels import decoding
+    from gpt_trainer.generate import generate
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
     seen = []
     model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.mkldnn.enabled))
-    model.generate(torch.zeros(1, 1, dtype=torch.long), 3)
+    generate(model, torch.zeros(1, 1, dtype=torch.long), 3)
     assert seen == [False] * 3 and torch.backends.mkldnn.enabled  # restored after each step
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls need oneDNN
         with decoding(model.lm_head.weight):

@@ -17,6 +17,7 @@ import torch
 import export
 from gpt_trainer import hf
 from gpt_trainer.dataloader import DataError
+from gpt_trainer.generate import generate
 from model import GPT, GPTConfig
 from gpt_trainer.tokenizer import HFTokenizer, get_tokenizer, tokenizer_from_meta
 from trainutil import (REPO, child_env, corpus_text, need_tiktoken, one_error_line, read_metrics, run_torchrun, run_train,
@@ -100,8 +101,8 @@ def assert_greedy_equal(hf_model_, ours, prompt_len=4):
     idx = random_idx(ours.config.vocab_size, prompt_len, seed=2)
     n = ours.config.block_size - prompt_len
     expected = hf_greedy(hf_model_, idx, n)
-    assert torch.equal(ours.generate(idx, n, temperature=0, use_cache=True), expected)
-    assert torch.equal(ours.generate(idx, n, temperature=0, use_cache=False), expected)
+    assert torch.equal(generate(ours, idx, n, temperature=0, use_cache=True), expected)
+    assert torch.equal(generate(ours, idx, n, temperature=0, use_cache=False), expected)
 
 
 def save_ours(model, path, meta=None, config=None):
@@ -422,8 +423,8 @@ def assert_cache_equals_recomputation(out_dir):
     model = build_model(load_checkpoint(path), path).eval()
     idx = random_idx(model.config.vocab_size, 5, seed=3)
     n = 2 * model.config.block_size  # past block_size: the exact window recomputes
-    full = model.generate(idx, n, temperature=0, use_cache=False)
-    assert torch.equal(model.generate(idx, n, temperature=0, use_cache=True), full)
+    full = generate(model, idx, n, temperature=0, use_cache=False)
+    assert torch.equal(generate(model, idx, n, temperature=0, use_cache=True), full)
 
 
 def greedy_sample_py(source, tok, generate):
@@ -444,7 +445,7 @@ def assert_sample_py_decodes(out_dir, model_dir):
     path = os.path.join(out_dir, "ckpt.pt")
     model = build_model(load_checkpoint(path), path).eval()
     greedy_sample_py(f"--out_dir={out_dir}", get_tokenizer(f"hf:{model_dir}"),
-                     lambda idx, n: model.generate(idx, n, temperature=0))
+                     lambda idx, n: generate(model, idx, n, temperature=0))
 
 
 @pytest.mark.slow
