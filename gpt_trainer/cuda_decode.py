@@ -11,7 +11,7 @@ import torch
 
 
 class StaticKVCache:
-    """The KVCache interface that model.decode uses, over preallocated buffers (n_layer
+    """The KVCache interface that generate.decode uses, over preallocated buffers (n_layer
     lists of (B, n_kv_head, block_size, hs)), with `pos` a (1,) long tensor on the device."""
 
     def __init__(self, k, v, pos):
@@ -30,7 +30,7 @@ class StaticKVCache:
 
 
 class GraphDecoder:
-    """model.decode for a batch of B rows captured as a CUDA graph, with its own KV cache
+    """A decoding step (generate.decode, or a compiled one) for a batch of B rows captured as a CUDA graph, with its own KV cache
     buffers; a generation prefills them through new_cache() and then calls step() per token.
     Captured under the autocast state of the first step, so a decoder serves one dtype.
     Everything the graph reads lives here: the cache, the position, the input token, and
@@ -41,34 +41,36 @@ class GraphDecoder:
         self.k = self.v = self.graph = None
 
     def new_cache(self, cache_cls, n_layer):
-        """An empty cache_cls (model.KVCache) over this decoder's buffers, for the prefill."""
+        """An empty cache_cls (generate.KVCache) over this decoder's buffers, for the prefill."""
         cache = cache_cls(n_layer)
         if self.k is not None:
             cache.k, cache.v = list(self.k), list(self.v)
         return cache
 
-    def step(self, model, token, cache):
-        """Logits (B, 1, V) for token (B, 1) at position cache.pos; advances cache.pos."""
+    def step(self, model, decode_fn, params, token, cache):
+        """Logits (B, 1, V) for token (B, 1) at position cache.pos, as decode_fn(model, token,
+        cache, params) computes them; advances cache.pos. The first call captures the graph."""
         if self.graph is None:
-            self.capture(model, token, cache)
+            self.capture(model, decode_fn, params, token, cache)
         self.pos.fill_(cache.pos)
         self.token.copy_(token)
         self.graph.replay()
         cache.pos += 1
         return self.logits
 
-    def capture(self, model, token, cache):
+    def capture(self, model, decode_fn, params, token, cache):
         self.k, self.v = list(cache.k), list(cache.v)  # the prefill allocated them at block_size
         self.pos = torch.zeros(1, dtype=torch.long, device=token.device)
         self.token = token.clone()
         self.static = StaticKVCache(self.k, self.v, self.pos)
-        self.params = model.decode_params()
+        self.params = params
         autocast = torch.is_autocast_enabled("cuda")
         if autocast:
             dtype = torch.get_autocast_dtype("cuda")
             self.params = [{k: p.to(dtype) if p.dim() == 2 else p for k, p in block.items()}
                            for block in self.params]
-        decode = torch.compile(model.decode, dynamic=False) if self.compile else model.decode
+        fn = torch.compile(decode_fn, dynamic=False) if self.compile else decode_fn
+        decode = lambda token, cache, params: fn(model, token, cache, params)  # noqa: E731
         with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
