@@ -16,8 +16,9 @@ import sys
 
 import pytest
 
-import dirlock
-from dataloader import DataError, load_meta
+from gpt_trainer import dirlock
+from gpt_trainer.dataloader import load_meta
+from gpt_trainer.errors import DataError
 from test_data import ROOT, run
 from test_prepare import PREPARE, decoded, prepare
 from trainutil import char_data, kill_tree, one_error_line  # noqa: F401 (a fixture)
@@ -132,7 +133,7 @@ def test_damaged_gzip_is_one_line_from_the_cli(tmp_path):
 HOLD_DATA_DIR = """
 import sys, time
 sys.path.insert(0, {repo!r})
-import dataprep
+from gpt_trainer import dataprep
 dataprep.lock_data_dir({out!r})
 print("locked", flush=True)
 time.sleep(600)
@@ -444,7 +445,7 @@ def test_evaluate_settings_that_make_no_sense(tmp_path, char_data, char_ckpt):
 
 
 def test_hellaswag_files_that_lie(tmp_path):
-    import evaluate
+    from gpt_trainer import evaluation as evaluate
     good = {"ctx": "a b", "endings": ["c", "d"], "label": 1}
     (tmp_path / "bool.jsonl").write_text(json.dumps(dict(good, label=True)) + "\n")
     with pytest.raises(DataError, match="bool.jsonl line 1: needs a ctx string"):
@@ -457,9 +458,9 @@ def test_hellaswag_files_that_lie(tmp_path):
 def test_tied_endings_are_not_a_right_answer():
     """Endings with the same loss (here identical) cannot be told apart: no credit for label 0."""
     import torch
-    import evaluate
+    from gpt_trainer import evaluation as evaluate
     from model import GPT, GPTConfig
-    from tokenizer import CharTokenizer
+    from gpt_trainer.tokenizer import CharTokenizer
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=8))
     tok = CharTokenizer(list(" abcdefg"))
@@ -482,7 +483,8 @@ def test_hf_directories_that_lie(tmp_path):
     import shutil
     import torch
     import transformers
-    from hf import HFError, gpt_from_hf
+    from gpt_trainer.errors import HFError
+    from gpt_trainer.hf import gpt_from_hf
     from safetensors.torch import load_file, save_file
     llama = tiny_llama(tmp_path / "llama")
     heads = shutil.copytree(llama, tmp_path / "heads5")
@@ -511,7 +513,8 @@ def test_hf_directories_that_lie(tmp_path):
 
 
 def test_hf_export_onto_a_file_is_refused(tmp_path, char_ckpt):
-    from hf import HFError, export_hf
+    from export import export_hf
+    from gpt_trainer.errors import HFError
     (tmp_path / "taken").write_text("mine")
     with pytest.raises(HFError, match=r"--out=.*taken is a file, not a directory"):
         export_hf(str(char_ckpt / "ckpt.pt"), str(tmp_path / "taken"))
@@ -529,7 +532,7 @@ def test_sample_prompts_and_lengths_that_cannot_be(tmp_path, char_ckpt):
 
 def test_metrics_jsonl_that_is_a_directory(tmp_path):
     from configurator import UserError
-    from metrics import MetricsLogger
+    from gpt_trainer.metrics import MetricsLogger
     (tmp_path / "metrics.jsonl").mkdir()
     with pytest.raises(UserError, match=r"metrics.jsonl is not a file"):
         MetricsLogger(str(tmp_path), start_iter=5)

@@ -28,9 +28,11 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import ArgumentParser
-from dataloader import DataError, dtype_for_vocab
-from dirlock import holding, lock_dir, write_failure
-from tokenizer import CharTokenizer, tokenizer_from_meta, train_bpe
+from gpt_trainer.dataloader import dtype_for_vocab
+from gpt_trainer.dirlock import holding, lock_dir
+from gpt_trainer.errors import DataError
+from gpt_trainer.fsutil import download, fsync_dir, write_failure, write_json
+from gpt_trainer.tokenizer import CharTokenizer, tokenizer_from_meta, train_bpe
 
 META = "meta.json"
 PROGRESS = "prepare.progress.json"  # a --resume run's record of what is already done
@@ -132,15 +134,6 @@ def _worker_signals():
 # files of a data dir: written as .partial, committed together
 
 
-def fsync_dir(path):
-    """Make the entries of directory `path` (a rename into it, say) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def lock_data_dir(out_dir):
     """One prepare at a time per data dir (created if missing): a second one stops at once,
     naming the first (dirlock; the lock dies with its process, kill -9 included)."""
@@ -167,20 +160,6 @@ def check_writable(out_dir):
 
 def partial_path(out_dir, name):
     return os.path.join(out_dir, name + ".partial")
-
-
-def write_json(path, obj):
-    """Write path atomically: readers see the old file or the new one, never half of one."""
-    try:
-        with open(path + ".tmp", "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except BaseException:  # a full disk leaves no empty temp file behind
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        raise
 
 
 class TokenWriter:
@@ -600,23 +579,6 @@ def script_args(script_file, description, url=None, argv=None, **options):
     for name, default in options.items():
         p.add_argument(f"--{name}", default=default, type=type(default) if default else str)
     return p.parse_args(argv)
-
-
-def download(url, path):
-    """url to path, through a temporary file of this process so that no rank reads half a file."""
-    import urllib.request
-    print(f"downloading {url} to {path}", file=sys.stderr)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r:
-            data = r.read()
-    except OSError as e:
-        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}); put the file at {path} "
-                        f"and re-run")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def fetch_text(path, url):

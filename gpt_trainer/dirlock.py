@@ -6,27 +6,14 @@ and start time are written into the file for the next writer's error message. To
 the prepare scripts use it without torch.
 """
 import contextlib
-import errno
 import fcntl
 import os
 import socket
 import time
 
+from gpt_trainer.fsutil import write_failure
+
 _locks = {}  # realpath(dir) -> its open lock file, held until this process exits
-
-
-def write_failure(e):
-    """Why a write failed, in words. torch.save reports a short write as a RuntimeError whose
-    context holds the OSError with the reason, so the chain is searched for an errno."""
-    reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-               errno.EFBIG: "file too large (the file size limit, ulimit -f, or the filesystem's)",
-               errno.EROFS: "read-only file system"}
-    cause = e
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.errno:
-            return reasons.get(cause.errno, os.strerror(cause.errno).lower())
-        cause = cause.__cause__ or cause.__context__
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
 def is_locked(path):
