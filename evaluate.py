@@ -6,6 +6,7 @@ checkpoint or Hugging Face GPT-2:
 
     python evaluate.py --out_dir=out-shakespeare-char          # val loss, bpb and HellaSwag
     python evaluate.py --init_from=gpt2 --tasks=hellaswag      # OpenAI's GPT-2 124M
+    python evaluate.py --out_dir=out --tasks=val,lm_eval:arc_easy,piqa   # any lm-evaluation-harness task (harness.py)
     torchrun --standalone --nproc_per_node=8 evaluate.py --init_from=gpt2-xl --tasks=hellaswag
 
 Work is shared out across ranks by a fixed rule and each batch's sums are gathered, never
@@ -20,13 +21,15 @@ import sys
 init_from = "resume"  # 'resume' (a checkpoint in out_dir), 'gpt2*', or a local HF GPT-2 dir
 out_dir = "out"  # where init_from='resume' finds its checkpoint
 ckpt = "auto"  # 'auto' = out_dir/best.pt if it exists, else out_dir/ckpt.pt; or a path
-tasks = "val,hellaswag"  # comma-separated: 'val' (loss and bits per byte of the val split), 'hellaswag'
+tasks = "val,hellaswag"  # comma-separated: 'val' (loss and bits per byte of the val split), 'hellaswag', then 'lm_eval:NAME' (this entry and all after it: lm-evaluation-harness task names or task YAML paths)
 dataset = ""  # data/<dataset> for 'val'; '' = the checkpoint's own (HF models have none: 'val' is skipped)
 data_dir = ""  # explicit path to a dataset directory; overrides dataset
 eval_iters = 200  # 'val': batches of batch_size windows of the model's block_size
 batch_size = 8  # sequences per forward pass
 max_examples = 0  # multiple-choice tasks: score the first this many examples; 0 = all
 hellaswag_path = "data/hellaswag/hellaswag_val.jsonl"  # HellaSwag's validation set; downloaded when missing
+lm_eval_include_path = ""  # a directory of your own lm-evaluation-harness task YAMLs, to name them in tasks
+lm_eval_num_fewshot = -1  # lm_eval tasks: few-shot examples in each prompt; -1 = each task's own (0 if it has none)
 results = ""  # also write the results to this JSON file
 device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bf16/fp16 on CUDA, fp32 elsewhere), 'float32', 'bfloat16', 'float16'
@@ -252,23 +255,52 @@ def load_hellaswag(path, url=HELLASWAG_URL):
 TASKS = {"hellaswag": load_hellaswag}  # name -> loader(path) of its examples
 
 
+LM_EVAL = "lm_eval:"  # in a tasks setting: this entry and every one after it are lm-evaluation-harness tasks
+
+
+def split_tasks(names):
+    """(our task names, harness task specs) of a comma-separated tasks setting: the first entry
+    that starts with 'lm_eval:' and every one after it are the harness's (a task, a group or a
+    path to a task YAML), so 'val,hellaswag,lm_eval:arc_easy,piqa' is two of ours, two of its."""
+    entries = [t.strip() for t in names.split(",") if t.strip()]
+    first = next((i for i, t in enumerate(entries) if t.startswith(LM_EVAL)), len(entries))
+    return entries[:first], [t.removeprefix(LM_EVAL).strip() for t in entries[first:]]
+
+
 def parse_tasks(names, setting, extra=()):
-    """The task names of a comma-separated setting, each one known."""
-    parsed = [t.strip() for t in names.split(",") if t.strip()]
-    for t in parsed:
+    """The task names of a comma-separated setting, each one known; harness tasks are
+    'lm_eval:<spec>' each (see split_tasks)."""
+    ours, harness = split_tasks(names)
+    for t in ours:
         if t not in TASKS and t not in extra:
-            raise ConfigError(f"{setting}={names!r}: unknown task {t!r}; known: {', '.join([*extra, *TASKS])}")
-    return parsed
+            raise ConfigError(f"{setting}={names!r}: unknown task {t!r}; known: {', '.join([*extra, *TASKS])}, "
+                              f"or lm_eval:NAME for lm-evaluation-harness tasks")
+    if not all(harness):
+        raise ConfigError(f"{setting}={names!r}: 'lm_eval:' must be followed by a harness task name or a task YAML path")
+    return ours + [LM_EVAL + h for h in harness]
 
 
-def load_tasks(names, paths, tok, block_size, max_examples=0, rank=0, ddp=False):
-    """{task: encoded examples} (see encode_examples), the first max_examples of each (0 = all).
-    Rank 0 reads first (downloading a missing file), then the other ranks."""
+class HarnessTasks:
+    """lm-evaluation-harness tasks, loaded (harness.load_harness_tasks), with what scoring them needs."""
+
+    def __init__(self, loaded, tok, max_examples):
+        self.loaded, self.tok, self.max_examples = loaded, tok, max_examples
+
+
+def load_tasks(names, paths, tok, block_size, max_examples=0, rank=0, ddp=False, include_path="", num_fewshot=None):
+    """{task: encoded examples} (see encode_examples), the first max_examples of each (0 = all),
+    and under 'lm_eval' the harness's tasks (HarnessTasks). Rank 0 reads first (downloading a
+    missing file), then the other ranks."""
     out = {}
-    for name in names:
+    specs = [n.removeprefix(LM_EVAL) for n in names if n.startswith(LM_EVAL)]
+    for name in [n for n in names if not n.startswith(LM_EVAL)] + (["lm_eval"] if specs else []):
         if ddp and rank != 0:
             dist.barrier()
         try:
+            if name == "lm_eval":
+                from harness import load_harness_tasks
+                out[name] = HarnessTasks(load_harness_tasks(specs, include_path, num_fewshot), tok, max_examples)
+                continue
             examples = TASKS[name](paths[name])
         finally:
             if ddp and rank == 0:
@@ -285,6 +317,10 @@ def score_tasks(tasks, model, batch_size, ctx, device, rank=0, world_size=1):
     """{'<task>_acc', '<task>_acc_norm', '<task>_n'} for tasks from load_tasks."""
     out = {}
     for name, encoded in tasks.items():
+        if name == "lm_eval":
+            from harness import score_harness
+            out.update(score_harness(encoded.loaded, model, encoded.tok, batch_size, ctx, encoded.max_examples))
+            continue
         scores = score_multiple_choice(model, encoded, batch_size, ctx, device, rank, world_size)
         out.update({f"{name}_{k}": v for k, v in scores.items()})
     return out
@@ -296,6 +332,7 @@ def format_results(r):
     parts += [f"val bpb {r['val_bpb']:.4f}"] if "val_bpb" in r else []
     parts += [f"{name} acc {r[f'{name}_acc']:.4f} acc_norm {r[f'{name}_acc_norm']:.4f}"
               for name in TASKS if f"{name}_acc" in r]
+    parts += [f"{k} {v:.4f}" for k, v in r.items() if k.startswith(LM_EVAL) and not k.endswith("_n")]
     return ", ".join(parts)
 
 
@@ -305,12 +342,11 @@ def format_results(r):
 def load_model(s):
     """(model, tokenizer, where it came from, data dir for 'val' or '')."""
     from checkpoint import build_model, load_checkpoint
-    from hf import gpt_from_hf
+    from hf import gpt_from_hf, hf_tokenizer
     from sample import checkpoint_path, checkpoint_tokenizer
-    from tokenizer import get_tokenizer
     explicit_dir = s["data_dir"] or (os.path.join("data", s["dataset"]) if s["dataset"] else "")
-    if s["init_from"] != "resume":
-        return gpt_from_hf(s["init_from"]), get_tokenizer("gpt2"), s["init_from"], explicit_dir
+    if s["init_from"] != "resume":  # an HF dir's own tokenizer.json (Llama, Qwen3), else GPT-2's
+        return gpt_from_hf(s["init_from"]), hf_tokenizer(s["init_from"]), s["init_from"], explicit_dir
     path = checkpoint_path(s["out_dir"], s["ckpt"])
     checkpoint = load_checkpoint(path)
     config = checkpoint.get("config") or {}
@@ -344,12 +380,14 @@ def main(s):
         out.update(estimate_loss(model, {"val": splits["val"]}, cfg.block_size, s["batch_size"], s["eval_iters"],
                                  ctx, device, rank, world_size, token_bytes))
     paths = {"hellaswag": s["hellaswag_path"]}
-    loaded = load_tasks([n for n in names if n != "val"], paths, tok, cfg.block_size, s["max_examples"], rank, ddp)
+    fewshot = None if s["lm_eval_num_fewshot"] < 0 else s["lm_eval_num_fewshot"]
+    loaded = load_tasks([n for n in names if n != "val"], paths, tok, cfg.block_size, s["max_examples"], rank, ddp,
+                        s["lm_eval_include_path"], fewshot)
     out.update(score_tasks(loaded, model, s["batch_size"], ctx, device, rank, world_size))
     if rank == 0:
         print(f"{source}: {format_results(out)}")
-        for name in loaded:
-            print(f"{name}: {out[f'{name}_n']:,} examples scored")
+        for key in [k for k in out if k.endswith("_n")]:
+            print(f"{key[:-2]}: {out[key]:,} examples scored")
         if s["results"]:
             with open(s["results"], "w") as f:
                 json.dump(out, f, indent=1)
