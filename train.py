@@ -59,6 +59,7 @@ wandb_log = False  # log to Weights & Biases as well as out_dir/metrics.jsonl
 wandb_project = "owt"  # wandb project name
 wandb_run_name = "gpt2"  # wandb run name
 tensorboard_log = False  # also write the logged numbers to out_dir/tensorboard for TensorBoard
+plot = False  # write out_dir/metrics.png (plot.py's figure of metrics.jsonl) after every eval
 # data
 dataset = "openwebtext"  # a prepared dataset under data/
 data_dir = ""  # explicit path to a dataset directory; overrides dataset when set
@@ -121,7 +122,7 @@ RULES = dict(
                "Hugging Face model directory that exists"),
     eval_tasks=(lambda v: parse_tasks(v, "eval_tasks") is not None,  # names the bad task itself
                 f"comma-separated task names from {', '.join(TASKS)}, then lm_eval:NAME entries, or ''"), eval_tasks_interval=NON_NEGATIVE, eval_tasks_max=NON_NEGATIVE, hellaswag_path=ANY,
-    tensorboard_log=ANY, overwrite=ANY, max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
+    tensorboard_log=ANY, plot=ANY, overwrite=ANY, max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
     dataset=(lambda v: v != "", "a directory name under data/"), data_dir=ANY,
     gradient_accumulation_steps=POSITIVE, total_batch_size=NON_NEGATIVE, batch_size=POSITIVE,
     block_size=POSITIVE, sampling=one_of("random", "epoch"),
@@ -308,6 +309,9 @@ if __name__ == "__main__":
             if master_process:
                 print(f"step {iter_num}: {format_results(results)}")
                 logger.log({"iter": iter_num, **results})
+                if plot:
+                    from plot import plot as plot_runs
+                    plot_runs([out_dir])
             if eval_only:
                 break
             if eval_due and results["val_loss"] < best_val_loss:
