@@ -131,7 +131,9 @@ def estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, device
         padded = -(-eval_iters // world_size) * world_size  # FSDP: every rank runs every forward
         for k in range(rank, padded, world_size):
             x, y = get_batch(data, block_size, batch_size, EVAL_SEED, k % eval_iters, 0)
-            x, y = x.to(device), y.to(device)
+            if torch.device(device).type == "cuda":  # page-locked: the copy does not wait for the GPU
+                x, y = x.pin_memory(), y.pin_memory()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with ctx:
                 logits, _ = model(x, y)
             if k >= eval_iters:

@@ -125,6 +125,8 @@ class KVCache:
     one token at a time) it is a ring: a new token replaces the oldest, so the cache holds the
     last block_size tokens, which one query attends to in any order."""
 
+    mask = None  # every cached slot is attended to (a StaticKVCache masks the unfilled ones)
+
     def __init__(self, n_layer):
         self.k, self.v = [None] * n_layer, [None] * n_layer
         self.pos = 0  # tokens already cached (the absolute position of the next one)
@@ -325,9 +327,15 @@ class GPT(nn.Module):
             kv_cache.pos += T
         if targets is None and not all_logits:
             x = x[:, -1:, :]
-        logits = self.head(x)
         if targets is None:
-            return logits, None
+            return self.head(x), None
+        return self.head_loss(x, targets)
+
+    def head_loss(self, x, targets):
+        """(logits, mean cross-entropy over the targets that are not -1) from the last block's
+        output; a function of its own so that torch.compile can fuse the fp32 cast into the
+        loss (runtime.try_compile compiles it as one region)."""
+        logits = self.head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
@@ -353,9 +361,13 @@ class GPT(nn.Module):
         cfg, pos, B = self.config, cache.pos, token.size(0)
         nh, nkv, hs = cfg.n_head, cfg.kv_heads, cfg.head_size
         x = F.embedding(token, self.transformer.wte.weight)  # (B, 1, C)
-        rope = self.rope_at(pos, 1) if cfg.pos_emb == "rope" else None
-        if rope is None:
+        rope = None
+        if cfg.pos_emb == "learned":  # pos: an int, or a (1,) tensor for a CUDA graph's StaticKVCache
             x = x + self.transformer.wpe.weight[pos]
+        elif isinstance(pos, int):
+            rope = self.rope_at(pos, 1)
+        else:
+            rope = self.rope_cos[pos], self.rope_sin[pos]
         for layer, p in enumerate(params):
             qkv = linear(norm(x, p, "ln_1", cfg), p, "attn.c_attn").view(B, nh + 2 * nkv, 1, hs)
             q, k, v = qkv.split([nh, nkv, nkv], dim=1)  # (B, nh|nkv, 1, hs)
@@ -364,7 +376,7 @@ class GPT(nn.Module):
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             k, v = cache.update(layer, k, v, cfg.block_size)
-            y = attention(q, k, v, None, False, 0.0, nkv != nh)  # one query sees the whole cache
+            y = attention(q, k, v, cache.mask, False, 0.0, nkv != nh)  # one query sees the whole cache
             x = x + linear(y.view(B, 1, nh * hs), p, "attn.c_proj")  # (B, nh, 1, hs) as (B, 1, nh*hs)
             h = activate(cfg.mlp, linear(norm(x, p, "ln_2", cfg), p, "mlp.c_fc"))
             x = x + linear(h, p, "mlp.c_proj")
@@ -418,14 +430,16 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        generator=None, use_cache=True, window="exact", vocab_limit=None):
+                        generator=None, use_cache=True, window="exact", vocab_limit=None, cuda_graphs=True):
         """Yield the next token for every row, (B, 1), max_new_tokens times; idx (B, T) holds at
         most block_size tokens. The prompt is prefilled into a KV cache once, then each step
         feeds one token. Past block_size, window='exact' is a forward over the last block_size
         tokens (learned positions change every cached key, so the window is recomputed);
         'chunked' keeps the last half block and re-prefills (faster, a shorter context);
         'sliding' (RoPE) keeps decoding from the cache, as forward(sliding=True) computes.
-        vocab_limit: sample only ids below it (a padded vocabulary has ids no tokenizer knows)."""
+        vocab_limit: sample only ids below it (a padded vocabulary has ids no tokenizer knows).
+        cuda_graphs: on CUDA, replay each cached step as a CUDA graph ('compile': of the
+        torch.compile'd step); False runs it eagerly."""
         if window not in WINDOWS:
             raise ValueError(f"window={window!r} is not one of {WINDOWS}")
         sliding = window == "sliding"
@@ -437,25 +451,33 @@ class GPT(nn.Module):
         seq = idx.new_empty(B, T + max_new_tokens)  # the whole output, filled in place
         seq[:, :T] = idx
         cache, params = None, self.decode_params()
+        graphs = None  # on CUDA each cached step within block_size is one CUDA graph replay
+        if use_cache and cuda_graphs and idx.device.type == "cuda" and not self.training:
+            from gpt_trainer.cuda_decode import graph_decoder
+            graphs = graph_decoder(self, B, compile=cuda_graphs == "compile")
         for L in range(T, T + max_new_tokens):  # L tokens so far
             with decoding(self.lm_head.weight):
                 if not use_cache:
                     logits, _ = self(seq[:, 0 if sliding else max(0, L - bs):L], sliding=sliding)
                 elif cache is not None and (cache.pos < bs or sliding):
                     step = seq[:, L - 1:L]  # dropout, if training, needs the modules
-                    logits = self(step, kv_cache=cache, sliding=sliding)[0] if self.training \
-                        else self.decode(step, cache, params)
+                    if self.training:
+                        logits = self(step, kv_cache=cache, sliding=sliding)[0]
+                    elif graphs is not None and cache.pos < bs:
+                        logits = graphs.step(step, cache)
+                    else:
+                        logits = self.decode(step, cache, params)
                 else:
                     keep = bs if (window != "chunked" or L <= bs) else max(1, bs // 2)
-                    cache = KVCache(self.config.n_layer)
+                    cache = graphs.new_cache(KVCache) if graphs else KVCache(self.config.n_layer)
                     logits, _ = self(seq[:, max(0, L - keep):L], kv_cache=cache)
             next_token = sample_next(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
             seq[:, L:L + 1] = next_token
             yield next_token
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 generator=None, use_cache=True, window="exact", vocab_limit=None):
+                 generator=None, use_cache=True, window="exact", vocab_limit=None, cuda_graphs=True):
         """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + max_new_tokens)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                        generator, use_cache, window, vocab_limit))
+                                        generator, use_cache, window, vocab_limit, cuda_graphs))
         return torch.cat([idx] + new, dim=1)
