@@ -275,7 +275,10 @@ def load_harness_tasks(specs, include_path="", num_fewshot=None):
         loaded = manager.load(specs)
     except KeyError as e:
         raise HarnessError(f"lm_eval: {e.args[0]}; `python harness.py ls tasks` lists the harness's tasks")
-    except (OSError, ConnectionError, ValueError) as e:
+    except FileNotFoundError as e:  # a task file's data_files
+        raise HarnessError(f"lm_eval:{','.join(specs)}: {str(e).splitlines()[0][:300]} (data_files paths are "
+                           f"relative to the directory the command runs in)")
+    except (OSError, ConnectionError, ValueError) as e:  # offline, a hub dataset
         raise HarnessError(f"lm_eval:{','.join(specs)}: cannot load the task's data ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:300]}); offline, use a task file whose dataset_path is "
                            f"json with local data_files")
