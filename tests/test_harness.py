@@ -242,15 +242,23 @@ def test_generate_until_matches_hf_backend(gpt2_model, tmp_path):
     assert any(len(r[0]) > 3 for r in ours.values()), "generations that are not all empty"
 
 
-def test_unknown_task_and_missing_file_are_one_line(gpt2_model, tmp_path):
+def test_missing_task_file_and_local_data_are_named(tmp_path):
+    with pytest.raises(harness.HarnessError, match="task file not found"):
+        harness.load_harness_tasks([str(tmp_path / "nope.yaml")])
+    task = mc_task(str(tmp_path))
+    os.remove(os.path.join(tmp_path, "tiny_mc.jsonl"))
+    with pytest.raises(harness.HarnessError, match="tiny_mc.jsonl.*relative to the directory"):
+        harness.load_harness_tasks([task])
+
+
+@pytest.mark.slow
+def test_unknown_task_is_one_line(gpt2_model, tmp_path):
     _, _, ckpt, _ = gpt2_model
-    for spec, words in ((str(tmp_path / "nope.yaml"), "task file not found"),
-                        ("no_such_task_xyz", "not a registered task")):
-        p = subprocess.run([sys.executable, EVALUATE, f"--ckpt={ckpt}", "--device=cpu", f"--tasks=lm_eval:{spec}"],
-                           cwd=REPO, env=child_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"),
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 1
-        assert words in one_error_line(p.stderr)
+    p = subprocess.run([sys.executable, EVALUATE, f"--ckpt={ckpt}", "--device=cpu", "--tasks=lm_eval:no_such_task_xyz"],
+                       cwd=REPO, env=child_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    assert "not a registered task" in one_error_line(p.stderr)
 
 
 def test_scoring_leaves_the_run_rngs_alone(gpt2_model, tmp_path):
@@ -272,14 +280,21 @@ def test_scoring_leaves_the_run_rngs_alone(gpt2_model, tmp_path):
 @pytest.mark.slow
 def test_train_scores_harness_tasks_at_its_interval(char_data, tmp_path):
     """eval_tasks=lm_eval:FILE in train.py: the task's numbers at every eval_tasks_interval in
-    metrics.jsonl, and the last equal to evaluate.py's on the final checkpoint."""
+    metrics.jsonl, and the last equal to evaluate.py's on the final checkpoint; plot=True has
+    written out_dir/metrics.png with the run's numbers."""
     with open(os.path.join(char_data, "meta.json")) as f:
         chars = set(json.load(f)["chars"])
     readable = [ex for ex in EXAMPLES if set(ex[0] + " " + " ".join(ex[1])) <= chars]
     task = mc_task(str(tmp_path), readable)
     out = str(tmp_path / "out")
     env = child_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    run_train(out, char_data, env=env, eval_tasks=f"lm_eval:{task}", eval_tasks_interval=5, max_iters=10)
+    run_train(out, char_data, env=env, eval_tasks=f"lm_eval:{task}", eval_tasks_interval=5, max_iters=10,
+              eval_interval=5, plot=True)
+    from test_plot import expected, lines_of
+    import plot
+    assert os.path.exists(os.path.join(out, "metrics.png"))
+    lines = lines_of(plot.make_figure(plot.load_runs([out])))
+    assert lines[("val loss", out)] == expected(out, "val_loss") and lines[("val loss", out)][0] == [0, 5, 10]
     scored = [r for r in read_metrics(out) if "lm_eval:tiny_mc_acc" in r]
     assert [r["iter"] for r in scored] == [0, 5, 10]
     assert all(r["lm_eval:tiny_mc_n"] == len(readable) for r in scored)

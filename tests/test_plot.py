@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from trainutil import REPO, char_data, child_env, one_error_line, run_train  # noqa: F401
+from configurator import UserError
+from trainutil import REPO, child_env
 
 pytest.importorskip("matplotlib")
 import plot  # noqa: E402
@@ -116,26 +117,13 @@ def test_command_writes_png_and_html(two_runs):
         text = f.read()
     assert "<svg" in text and os.path.basename(b) in text
     assert len([line for line in p.stderr.splitlines() if line.strip()]) == 1  # the damaged line's warning
-    # one run: its own dir
-    p = subprocess.run([sys.executable, PLOT, a], cwd=REPO, env=child_env(), capture_output=True, text=True)
-    assert p.returncode == 0 and p.stdout.strip() == os.path.join(a, "metrics.png")
+    assert plot.plot([a]) == os.path.join(a, "metrics.png")  # one run: into its own dir
+    assert os.path.exists(os.path.join(a, "metrics.png"))
 
 
-def test_missing_run_is_one_error_line(two_runs):
+def test_missing_run_is_named(two_runs):
     (a, _), tmp = two_runs
-    for missing in (str(tmp / "nope"), str(tmp)):  # no such dir; a dir without metrics.jsonl
-        p = subprocess.run([sys.executable, PLOT, a, missing], cwd=REPO, env=child_env(), capture_output=True,
-                           text=True, timeout=120)
-        assert p.returncode == 1
-        assert missing in one_error_line(p.stderr)
-    assert not os.path.exists("compare.png") or os.path.getmtime("compare.png") < os.path.getmtime(a)
-
-
-def test_train_writes_its_plot_at_every_eval(char_data, tmp_path):
-    """plot=True: out_dir/metrics.png after each eval, holding the run's numbers."""
-    out = str(tmp_path / "out")
-    run_train(out, char_data, plot=True, eval_interval=5, max_iters=5, eval_iters=1)
-    assert os.path.exists(os.path.join(out, "metrics.png"))
-    lines = lines_of(plot.make_figure(plot.load_runs([out])))
-    assert lines[("val loss", out)] == expected(out, "val_loss")
-    assert lines[("train loss", out)][0] == list(range(5))
+    for missing, words in ((str(tmp / "nope"), "does not exist"), (str(tmp), "has no metrics.jsonl")):
+        with pytest.raises(UserError, match=f"{missing} {words}"):
+            plot.plot([a, missing], out=str(tmp / "never.png"))
+    assert not os.path.exists(tmp / "never.png")
