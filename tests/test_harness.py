@@ -325,3 +325,27 @@ def test_harness_cli_with_our_model(gpt2_model, tmp_path):
         acc = json.load(f)["results"]["tiny_mc"]["acc,none"]
     r = harness.score_harness(harness.load_harness_tasks([task]), model, tok, 4, nullcontext())
     assert acc == r["lm_eval:tiny_mc_acc"]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(gpt2_model, tmp_path):
+    """Under torchrun the harness shares the requests out across ranks (our all_gather,
+    gather_object and barrier over torch.distributed) and gathers the numbers on rank 0."""
+    from trainutil import free_port
+    _, tok, ckpt, _ = gpt2_model
+    tasks = f"lm_eval:{mc_task(str(tmp_path))},{rolling_task(str(tmp_path), [text_of_whole_blocks(tok, 2), 'Short.'])}"
+    env = child_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    results = []
+    for nproc in (1, 2):
+        out = str(tmp_path / f"r{nproc}.json")
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+                  "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"] if nproc > 1 else [sys.executable]
+        p = subprocess.run([*launch, EVALUATE, f"--ckpt={ckpt}", "--device=cpu", f"--tasks={tasks}",
+                            f"--results={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        with open(out) as f:
+            results.append(json.load(f))
+    assert results[0].keys() == results[1].keys()
+    assert results[0]["lm_eval:tiny_mc_n"] == len(EXAMPLES) and results[0]["lm_eval:tiny_text_n"] == 2
+    for key, value in results[0].items():
+        assert results[1][key] == pytest.approx(value, rel=1e-6), key
