@@ -56,8 +56,11 @@ class GPTLM(TemplateLM):
     Requests are scored in batches of batch_size under ctx (autocast) on the model's device."""
 
     def __init__(self, path=None, model=None, tokenizer=None, batch_size=8, device="auto", dtype="auto",
-                 max_gen_toks=256, seed=1234, ctx=None, **unused):
+                 max_gen_toks=256, seed=1234, ctx=None, max_batch_size=None, **unknown):
         super().__init__()
+        if unknown:  # a misspelt --model_args key would otherwise be ignored
+            raise HarnessError(f"gpt-trainer: unknown model argument(s) {', '.join(unknown)}; it takes path, "
+                               f"batch_size, device, dtype, max_gen_toks and seed")
         from runtime import autocast_context, resolve_device, resolve_dtype
         if model is None:
             if path is None:
