@@ -126,8 +126,8 @@ def run_command(argv, env=None, echo=False, shell=False, stamps=None):
         lines.append(line)
         if stamps is not None:
             stamps.append((time.perf_counter() - t0, line))
-        if echo:
-            print(line, end="", flush=True)
+        if echo:  # timed runs show when each line came, so a cut-off run still tells its times
+            print(f"[{time.perf_counter() - t0:7.1f}s] " * (stamps is not None) + line, end="", flush=True)
     proc.stdout.close()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap it again
@@ -213,7 +213,7 @@ def bench_ours(setting, common, args):
         rc, output, maxrss, seen, wall = run_command(argv, {**os.environ, **env}, args.verbose)
         if rc != 0:
             fail(rc, argv, output)
-        from metrics import read_metrics
+        from gpt_trainer.metrics import read_metrics
         records = read_metrics(out_dir) or log_records(output)
     result = summarize(records, args.warmup, maxrss, seen, wall)
     result["command"] = " ".join(f"{k}={v}" for k, v in env.items()) + " " * bool(env) + shlex.join(argv)
@@ -334,14 +334,14 @@ def bench_to_val(setting, common, args, command=None):
     train loss X, val loss Y` lines, timed from launch (imports, data and compilation
     included: each run compiles from an empty torch.compile cache, as on a fresh machine)."""
     with tempfile.TemporaryDirectory(prefix="bench-") as out_dir:
-        env, argv = train_argv(setting, common, out_dir, args.nproc,
-                               forced=["--init_from=scratch", "--wandb_log=False"])
+        env, argv = {}, command
+        if not command:
+            env, argv = train_argv(setting, common, out_dir, args.nproc,
+                                   forced=["--init_from=scratch", "--wandb_log=False"])
         stamps = []
         env = {**env, "PYTHONUNBUFFERED": "1",  # lines must arrive when printed to be timed
                "TORCHINDUCTOR_CACHE_DIR": os.path.join(out_dir, "inductor"),
                "TRITON_CACHE_DIR": os.path.join(out_dir, "triton")}
-        if command:
-            argv = command
         rc, output, _, _, wall = run_command(argv, {**os.environ, **env}, args.verbose, stamps=stamps,
                                              shell=bool(command))
         if rc != 0:
@@ -469,7 +469,8 @@ def time_generate(model, prompt, case, args, seed, autocast=True):
     """(seconds, tokens) of one generation, sampled with a generator seeded by `seed`, under
     --dtype's autocast (sample.py's) unless autocast=False."""
     import torch
-    from runtime import autocast_context
+    from gpt_trainer.generate import generate
+    from gpt_trainer.runtime import autocast_context
     _, kind, n, use_cache, window, *graphs = case
     device = prompt.device
     ctx = autocast_context(device.type, args.dtype if autocast else "float32")
@@ -481,9 +482,9 @@ def time_generate(model, prompt, case, args, seed, autocast=True):
             torch.manual_seed(seed)
             out = model.generate(prompt, n, temperature=args.temperature, top_k=args.top_k or None)
         else:
-            out = model.generate(prompt, n, temperature=args.temperature, top_k=args.top_k or None,
-                                 generator=torch.Generator(device).manual_seed(seed), use_cache=use_cache,
-                                 window=window, cuda_graphs=graphs[0] if graphs else True)
+            out = generate(model, prompt, n, temperature=args.temperature, top_k=args.top_k or None,
+                           generator=torch.Generator(device).manual_seed(seed), use_cache=use_cache,
+                           window=window, cuda_graphs=graphs[0] if graphs else True)
     out = out.cpu()  # waits for the device
     return time.perf_counter() - t0, out
 
@@ -569,7 +570,7 @@ def bench_sample(overrides, args):
     import torch
     if args.nanogpt and not args.temperature:
         raise UserError("--nanogpt needs --temperature > 0 (nanoGPT's generate divides by it)")
-    from runtime import resolve_device, resolve_dtype
+    from gpt_trainer.runtime import resolve_device, resolve_dtype
     device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, device.split(":")[0])
     torch.backends.cuda.matmul.allow_tf32 = True  # as sample.py

@@ -17,7 +17,9 @@ import sys
 import pytest
 import torch
 
-from metrics import read_metrics
+from gpt_trainer.cuda_decode import DECODERS
+from gpt_trainer.generate import generate
+from gpt_trainer.metrics import read_metrics
 from model import GPT, GPTConfig
 from test_model import ARCHS, TINY as TINY_MODEL, tiny_model
 from trainutil import (REPO, char_data, last_logged_iter, load_ckpt, popen_train, run_torchrun, run_train,  # noqa: F401
@@ -133,13 +135,13 @@ def test_architecture_trains_and_decodes(arch):
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model = tiny_model(**ARCHS[arch]).cuda()
     prompt = torch.randint(64, (2, 3), device="cuda")
-    graphs = model.generate(prompt, 25, temperature=0)
-    assert model._graph_decoders, "generate did not use CUDA graphs"
-    full = model.generate(prompt, 25, temperature=0, use_cache=False)
-    eager = model.generate(prompt, 25, temperature=0, cuda_graphs=False)
+    graphs = generate(model, prompt, 25, temperature=0)
+    assert DECODERS.get(model), "generate did not use CUDA graphs"
+    full = generate(model, prompt, 25, temperature=0, use_cache=False)
+    eager = generate(model, prompt, 25, temperature=0, cuda_graphs=False)
     assert torch.equal(graphs, eager) and torch.equal(graphs, full), (graphs, eager, full)
-    again = model.generate(prompt[:, :1], 25, temperature=0)  # the captured graph, a new prefill
-    assert torch.equal(again, model.generate(prompt[:, :1], 25, temperature=0, use_cache=False))
+    again = generate(model, prompt[:, :1], 25, temperature=0)  # the captured graph, a new prefill
+    assert torch.equal(again, generate(model, prompt[:, :1], 25, temperature=0, use_cache=False))
 
 
 def test_sample_py_on_cuda(bf16_run):

@@ -1,5 +1,5 @@
 """
-harness.py: our model inside lm-evaluation-harness, on local task files written here (no
+gpt_trainer/harness.py: our model inside lm-evaluation-harness, on local task files written here (no
 network: dataset_path json with data_files). References: the harness's own HF backend (HFLM) on
 the same model exported to a transformers directory, evaluate.py's HellaSwag scorer, and our
 val loss / bits per byte on the same text.
@@ -23,12 +23,11 @@ import torch  # noqa: E402
 from trainutil import REPO, char_data, child_env, need_tiktoken, one_error_line, read_metrics, run_train  # noqa: E402,F401
 
 pytest.importorskip("lm_eval")
-import evaluate  # noqa: E402
-import harness  # noqa: E402
-from checkpoint import save_checkpoint  # noqa: E402
-from dataloader import TokenFile  # noqa: E402
+from gpt_trainer import evaluation, harness  # noqa: E402
+from gpt_trainer.checkpoint import save_checkpoint  # noqa: E402
+from gpt_trainer.dataloader import TokenFile  # noqa: E402
+from gpt_trainer.tokenizer import CharTokenizer, TiktokenTokenizer  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import CharTokenizer, TiktokenTokenizer  # noqa: E402
 
 EVALUATE = os.path.join(REPO, "evaluate.py")
 BLOCK = 48
@@ -95,7 +94,7 @@ def gpt2_model(tmp_path_factory):
     """(model, tokenizer, checkpoint path, exported HF dir): a GPT-2 BPE model as train.py saves
     it, and the same exported with hf.py (GPT-2's tokenizer files included)."""
     need_tiktoken("gpt2")
-    from hf import export_hf
+    from export import export_hf
     tmp = tmp_path_factory.mktemp("harness_model")
     model = decisive_gpt(50304)
     ckpt = str(tmp / "ckpt.pt")
@@ -138,12 +137,12 @@ def test_multiple_choice_matches_hf_backend_and_our_scorer(gpt2_model, tmp_path)
     assert ours["lm_eval:tiny_mc_acc_norm"] == pytest.approx(theirs["lm_eval:tiny_mc_acc_norm"], abs=1e-9)
     assert 0 < ours["lm_eval:tiny_mc_acc"] < 1, "a test where every answer is right (or wrong) proves little"
     # evaluate.py's HellaSwag scorer: context, then " " + ending, lowest total loss = the harness's acc
-    encoded, left_out = evaluate.encode_examples(
+    encoded, left_out = evaluation.encode_examples(
         [{"ctx": c, "endings": e, "label": label} for c, e, label in EXAMPLES], tok, BLOCK)
     assert left_out == 0
-    scores = evaluate.score_multiple_choice(model, encoded, 3, nullcontext(), "cpu")
+    scores = evaluation.score_multiple_choice(model, encoded, 3, nullcontext(), "cpu")
     assert scores["acc"] == ours["lm_eval:tiny_mc_acc"]
-    losses = evaluate.ending_losses(model, [row for _, endings in encoded for row in endings], 3, nullcontext(), "cpu")
+    losses = evaluation.ending_losses(model, [row for _, endings in encoded for row in endings], 3, nullcontext(), "cpu")
     logliks = [r[0] for doc_id in sorted(our_resps) for r in our_resps[doc_id]]
     assert (-losses).tolist() == pytest.approx(logliks, abs=1e-3)
 
@@ -179,7 +178,7 @@ def text_of_whole_blocks(tok, blocks):
 def test_rolling_loglikelihood_equals_our_val_loss(gpt2_model, tmp_path):
     """The harness scores a text in disjoint windows of block_size tokens, the first conditioned
     on end-of-text, each later one on the block before (its own tokens). Our val loss over the
-    same windows, as evaluate.estimate_loss computes it on a split of exactly one window each,
+    same windows, as evaluation.estimate_loss computes it on a split of exactly one window each,
     gives the same nats, and the same bits per byte as the harness's bits_per_byte."""
     model, tok, _, hf_dir = gpt2_model
     text = text_of_whole_blocks(tok, 3)
@@ -191,8 +190,8 @@ def test_rolling_loglikelihood_equals_our_val_loss(gpt2_model, tmp_path):
     for j in range(3):
         stream[j * BLOCK:(j + 1) * BLOCK + 1].tofile(tmp_path / f"w{j}.bin")
         windows[f"w{j}"] = TokenFile(str(tmp_path / f"w{j}.bin"), np.uint16)
-    token_bytes = evaluate.token_byte_lengths(tok, model.config.vocab_size)
-    r = evaluate.estimate_loss(model, windows, BLOCK, 1, 1, nullcontext(), "cpu", token_bytes=token_bytes)
+    token_bytes = evaluation.token_byte_lengths(tok, model.config.vocab_size)
+    r = evaluation.estimate_loss(model, windows, BLOCK, 1, 1, nullcontext(), "cpu", token_bytes=token_bytes)
     nats = sum(r[f"w{j}_loss"] * BLOCK for j in range(3))
     assert -loglik == pytest.approx(nats, rel=1e-5)
     bpb = harness.flatten_results(ours)["lm_eval:tiny_text_bits_per_byte"]
@@ -206,7 +205,7 @@ def test_rolling_loglikelihood_equals_our_val_loss(gpt2_model, tmp_path):
 def test_command_val_and_rolling_task_agree(gpt2_model, tmp_path):
     """evaluate.py --tasks=val,lm_eval:FILE on a checkpoint: a val split of one window (end-of-text
     and BLOCK tokens of text) has the val bpb that the harness reports as bits_per_byte."""
-    from dataprep import write_dataset
+    from gpt_trainer.dataprep import write_dataset
     model, tok, ckpt, _ = gpt2_model
     text = text_of_whole_blocks(tok, 1)
     ids = np.array([tok.eot_token] + tok.encode(text), dtype=np.uint16)
@@ -291,7 +290,7 @@ def test_train_scores_harness_tasks_at_its_interval(char_data, tmp_path):
     run_train(out, char_data, env=env, eval_tasks=f"lm_eval:{task}", eval_tasks_interval=5, max_iters=10,
               eval_interval=5, plot=True)
     from test_plot import expected, lines_of
-    import plot
+    from gpt_trainer import plotting as plot
     assert os.path.exists(os.path.join(out, "metrics.png"))
     lines = lines_of(plot.make_figure(plot.load_runs([out])))
     assert lines[("val loss", out)] == expected(out, "val_loss") and lines[("val loss", out)][0] == [0, 5, 10]
@@ -310,12 +309,12 @@ def test_train_scores_harness_tasks_at_its_interval(char_data, tmp_path):
 
 @pytest.mark.slow
 def test_harness_cli_with_our_model(gpt2_model, tmp_path):
-    """`python harness.py run --model gpt-trainer ...` is lm_eval's own command line with our
+    """`python -m gpt_trainer.harness run --model gpt-trainer ...` is lm_eval's command line with our
     model registered; it scores the checkpoint as evaluate.py does."""
     model, tok, ckpt, _ = gpt2_model
     task = mc_task(str(tmp_path))
     out = tmp_path / "cli"
-    p = subprocess.run([sys.executable, os.path.join(REPO, "harness.py"), "run", "--model", "gpt-trainer",
+    p = subprocess.run([sys.executable, "-m", "gpt_trainer.harness", "run", "--model", "gpt-trainer",
                         "--model_args", f"path={ckpt}", "--device", "cpu", "--tasks", task, "--output_path", str(out)],
                        cwd=REPO, env=child_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"),
                        capture_output=True, text=True, timeout=300)

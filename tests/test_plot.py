@@ -1,5 +1,5 @@
 """
-plot.py: the figure holds exactly the numbers of the runs' metrics.jsonl (read back from its
+plot.py (gpt_trainer/plotting.py): the figure holds exactly the numbers of the runs' metrics.jsonl (read back from its
 Line2D objects), a resumed run is one curve, and a damaged line or a missing run is one line.
 """
 import json
@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from configurator import UserError
+from gpt_trainer.errors import UserError
 from trainutil import REPO, child_env
 
 pytest.importorskip("matplotlib")
-import plot  # noqa: E402
+from gpt_trainer import plotting as plot  # noqa: E402
 
 PLOT = os.path.join(REPO, "plot.py")
 TOKENS_PER_ITER = 768

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import ConfigError
+from gpt_trainer.errors import ConfigError
 
 
 def resolve_device(device):

@@ -5,7 +5,7 @@ Qwen3 directory), with the model's own tokenizer.
 
     python evaluate.py --out_dir=out-shakespeare-char --tasks=lm_eval:arc_easy,piqa
     python evaluate.py --out_dir=out --tasks=lm_eval:my_tasks/task.yaml     # a task file you wrote
-    python harness.py run --model gpt-trainer --model_args path=out --tasks arc_easy   # lm_eval's own CLI
+    python -m gpt_trainer.harness run --model gpt-trainer --model_args path=out --tasks arc_easy   # lm_eval's CLI
 
 The model is registered with the harness as 'gpt-trainer'; `path` is an out_dir, a checkpoint
 file, an HF directory or a GPT-2 name. Scoring follows the harness's HF backend (HFLM): the same
@@ -26,9 +26,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from configurator import UserError
-from dataloader import DataError
-from evaluate import LM_EVAL
+from gpt_trainer.errors import DataError, UserError
+from gpt_trainer.generate import generate_stream
+
+LM_EVAL = "lm_eval:"  # the prefix of harness results' keys (evaluation.LM_EVAL, which imports this module)
 
 
 class HarnessError(UserError):
@@ -40,14 +41,14 @@ class Unreadable(Exception):
 
 
 def load_path(path):
-    """(model, tokenizer, where it came from) for an out_dir, a checkpoint file, an HF directory or
-    a GPT-2 name, through sample.py's loader (the one every script uses)."""
-    from sample import load_model
+    """(model, tokenizer) for an out_dir, a checkpoint file, an HF directory or a GPT-2 name,
+    through the loader sample.py and evaluate.py use."""
+    from gpt_trainer.loading import load_model
     if os.path.isfile(path):
-        return load_model("resume", os.path.dirname(path), path)
+        return load_model("resume", os.path.dirname(path), path)[:2]
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        return load_model("resume", path, "auto")
-    return load_model(path, "", "auto")
+        return load_model("resume", path, "auto")[:2]
+    return load_model(path, "", "auto")[:2]
 
 
 @register_model("gpt-trainer")
@@ -61,12 +62,12 @@ class GPTLM(TemplateLM):
         if unknown:  # a misspelt --model_args key would otherwise be ignored
             raise HarnessError(f"gpt-trainer: unknown model argument(s) {', '.join(unknown)}; it takes path, "
                                f"batch_size, device, dtype, max_gen_toks and seed")
-        from runtime import autocast_context, resolve_device, resolve_dtype
+        from gpt_trainer.runtime import autocast_context, resolve_device, resolve_dtype
         if model is None:
             if path is None:
                 raise HarnessError("the gpt-trainer model needs path=OUT_DIR, a checkpoint file, an HF "
                                    "directory or a GPT-2 name (--model_args path=...)")
-            model, tokenizer, _ = load_path(str(path))
+            model, tokenizer = load_path(str(path))
             model.to(resolve_device(device))
         self.model, self.tok = model.eval(), tokenizer
         self._device = next(model.parameters()).device
@@ -218,8 +219,8 @@ class GPTLM(TemplateLM):
         new = [[] for _ in prompts]
         done = [False] * len(prompts)
         with self.ctx:
-            steps = self.model.generate_stream(idx, max_new, temperature, kwargs.get("top_k"), kwargs.get("top_p"),
-                                               generator, use_cache=True, vocab_limit=self.tok.vocab_size)
+            steps = generate_stream(self.model, idx, max_new, temperature, kwargs.get("top_k"), kwargs.get("top_p"),
+                                    generator, use_cache=True, vocab_limit=self.tok.vocab_size)
             for token in steps:
                 for row, t in enumerate(token[:, 0].tolist()):
                     if done[row]:
@@ -277,7 +278,7 @@ def load_harness_tasks(specs, include_path="", num_fewshot=None):
     try:
         loaded = manager.load(specs)
     except KeyError as e:
-        raise HarnessError(f"lm_eval: {e.args[0]}; `python harness.py ls tasks` lists the harness's tasks")
+        raise HarnessError(f"lm_eval: {e.args[0]}; `lm_eval ls tasks` lists the harness's tasks")
     except FileNotFoundError as e:  # a task file's data_files
         raise HarnessError(f"lm_eval:{','.join(specs)}: {str(e).splitlines()[0][:300]} (data_files paths are "
                            f"relative to the directory the command runs in)")
@@ -330,7 +331,7 @@ def flatten_results(results):
 
 if __name__ == "__main__":
     # the harness's own command line, with 'gpt-trainer' registered (this module)
-    from configurator import install_error_hook
+    from gpt_trainer.errors import install_error_hook
     from lm_eval.__main__ import cli_evaluate
     install_error_hook()
     cli_evaluate()
