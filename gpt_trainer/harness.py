@@ -5,13 +5,11 @@ Qwen3 directory), with the model's own tokenizer.
 
     python evaluate.py --out_dir=out-shakespeare-char --tasks=lm_eval:arc_easy,piqa
     python evaluate.py --out_dir=out --tasks=lm_eval:my_tasks/task.yaml     # a task file you wrote
-    python -m gpt_trainer.harness run --model gpt-trainer --model_args path=out --tasks arc_easy   # lm_eval's CLI
+    python harness.py run --model gpt-trainer --model_args path=out --tasks arc_easy   # lm_eval's own CLI
 
-The model is registered with the harness as 'gpt-trainer'; `path` is an out_dir, a checkpoint
-file, an HF directory or a GPT-2 name. Scoring follows the harness's HF backend (HFLM): the same
-tokenization of context and continuation, the same cut from the left to block_size + 1 tokens, the
-same rolling windows for perplexity, so a model scores the same through either (tested on an
-exported model). generate_until runs our KV-cache generation on batches of prompts of one length.
+Scoring follows the harness's HF backend (HFLM): the same tokenization of context and
+continuation, the same cut from the left to block_size + 1 tokens, the same rolling windows for
+perplexity, so a model scores the same through either (tested on an exported model). generate_until runs our KV-cache generation on batches of prompts of one length.
 """
 import json
 import math
@@ -23,7 +21,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from lm_eval import utils
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from gpt_trainer.errors import DataError, UserError
@@ -40,35 +37,14 @@ class Unreadable(Exception):
     """Text with a character outside a char model's vocabulary."""
 
 
-def load_path(path):
-    """(model, tokenizer) for an out_dir, a checkpoint file, an HF directory or a GPT-2 name,
-    through the loader sample.py and evaluate.py use."""
-    from gpt_trainer.loading import load_model
-    if os.path.isfile(path):
-        return load_model("resume", os.path.dirname(path), path)[:2]
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        return load_model("resume", path, "auto")[:2]
-    return load_model(path, "", "auto")[:2]
-
-
-@register_model("gpt-trainer")
 class GPTLM(TemplateLM):
-    """model and tokenizer (ours, e.g. from train.py's loop), or path to load them from.
-    Requests are scored in batches of batch_size under ctx (autocast) on the model's device."""
+    """Our model and its tokenizer as an lm_eval model (harness.py registers it, loading a path, as
+    'gpt-trainer' for lm_eval's command line). Requests are scored in batches of batch_size under
+    ctx (autocast; default: dtype's on the model's device)."""
 
-    def __init__(self, path=None, model=None, tokenizer=None, batch_size=8, device="auto", dtype="auto",
-                 max_gen_toks=256, seed=1234, ctx=None, max_batch_size=None, **unknown):
+    def __init__(self, model, tokenizer, batch_size=8, dtype="auto", max_gen_toks=256, seed=1234, ctx=None):
         super().__init__()
-        if unknown:  # a misspelt --model_args key would otherwise be ignored
-            raise HarnessError(f"gpt-trainer: unknown model argument(s) {', '.join(unknown)}; it takes path, "
-                               f"batch_size, device, dtype, max_gen_toks and seed")
-        from gpt_trainer.runtime import autocast_context, resolve_device, resolve_dtype
-        if model is None:
-            if path is None:
-                raise HarnessError("the gpt-trainer model needs path=OUT_DIR, a checkpoint file, an HF "
-                                   "directory or a GPT-2 name (--model_args path=...)")
-            model, tokenizer = load_path(str(path))
-            model.to(resolve_device(device))
+        from gpt_trainer.runtime import autocast_context, resolve_dtype
         self.model, self.tok = model.eval(), tokenizer
         self._device = next(model.parameters()).device
         device_type = self._device.type
@@ -327,11 +303,3 @@ def flatten_results(results):
         if n is not None:
             out[f"{LM_EVAL}{task}_n"] = n
     return out
-
-
-if __name__ == "__main__":
-    # the harness's own command line, with 'gpt-trainer' registered (this module)
-    from gpt_trainer.errors import install_error_hook
-    from lm_eval.__main__ import cli_evaluate
-    install_error_hook()
-    cli_evaluate()

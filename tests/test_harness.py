@@ -309,12 +309,12 @@ def test_train_scores_harness_tasks_at_its_interval(char_data, tmp_path):
 
 @pytest.mark.slow
 def test_harness_cli_with_our_model(gpt2_model, tmp_path):
-    """`python -m gpt_trainer.harness run --model gpt-trainer ...` is lm_eval's command line with our
+    """`python harness.py run --model gpt-trainer ...` is lm_eval's own command line with our
     model registered; it scores the checkpoint as evaluate.py does."""
     model, tok, ckpt, _ = gpt2_model
     task = mc_task(str(tmp_path))
     out = tmp_path / "cli"
-    p = subprocess.run([sys.executable, "-m", "gpt_trainer.harness", "run", "--model", "gpt-trainer",
+    p = subprocess.run([sys.executable, os.path.join(REPO, "harness.py"), "run", "--model", "gpt-trainer",
                         "--model_args", f"path={ckpt}", "--device", "cpu", "--tasks", task, "--output_path", str(out)],
                        cwd=REPO, env=child_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"),
                        capture_output=True, text=True, timeout=300)
