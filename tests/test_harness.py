@@ -168,8 +168,11 @@ def text_of_whole_blocks(tok, blocks):
     """Text whose GPT-2 tokens fill exactly `blocks` windows of BLOCK tokens (cut at a word)."""
     words = ("The quick brown fox jumps over the lazy dog; café naïve façade, 東京 and Straße, "
              "to be or not to be, that is the question.").split() * 40
-    for n in range(len(words)):
-        text = " ".join(words[:n])
+    for start in range(20):
+        for n in range(len(words) - start):
+            text = " ".join(words[start:start + n])
+            if len(tok.encode(text)) >= blocks * BLOCK:
+                break
         if len(tok.encode(text)) == blocks * BLOCK:
             return text
     raise AssertionError("no cut fills whole blocks")
