@@ -205,6 +205,7 @@ def test_rolling_loglikelihood_equals_our_val_loss(gpt2_model, tmp_path):
     assert their_resps[0][0] == pytest.approx(loglik, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_command_val_and_rolling_task_agree(gpt2_model, tmp_path):
     """evaluate.py --tasks=val,lm_eval:FILE on a checkpoint: a val split of one window (end-of-text
     and BLOCK tokens of text) has the val bpb that the harness reports as bits_per_byte."""
