@@ -6,6 +6,7 @@ checkpoint or Hugging Face GPT-2:
 
     python evaluate.py --out_dir=out-shakespeare-char          # val loss, bpb and HellaSwag
     python evaluate.py --init_from=gpt2 --tasks=hellaswag      # OpenAI's GPT-2 124M
+    python evaluate.py --out_dir=out --tasks=val,lm_eval:arc_easy,piqa   # any lm-evaluation-harness task (gpt_trainer/harness.py)
     torchrun --standalone --nproc_per_node=8 evaluate.py --init_from=gpt2-xl --tasks=hellaswag
 
 Work is shared out across ranks by a fixed rule and each batch's sums are gathered, never
@@ -20,13 +21,15 @@ import sys
 init_from = "resume"  # 'resume' (a checkpoint in out_dir), 'gpt2*', or a local HF GPT-2 dir
 out_dir = "out"  # where init_from='resume' finds its checkpoint
 ckpt = "auto"  # 'auto' = out_dir/best.pt if it exists, else out_dir/ckpt.pt; or a path
-tasks = "val,hellaswag"  # comma-separated: 'val' (loss and bits per byte of the val split), 'hellaswag'
+tasks = "val,hellaswag"  # comma-separated: 'val' (loss and bits per byte of the val split), 'hellaswag', then 'lm_eval:NAME' (this entry and all after it: lm-evaluation-harness task names or task YAML paths)
 dataset = ""  # data/<dataset> for 'val'; '' = the checkpoint's own (HF models have none: 'val' is skipped)
 data_dir = ""  # explicit path to a dataset directory; overrides dataset
 eval_iters = 200  # 'val': batches of batch_size windows of the model's block_size
 batch_size = 8  # sequences per forward pass
 max_examples = 0  # multiple-choice tasks: score the first this many examples; 0 = all
 hellaswag_path = "data/hellaswag/hellaswag_val.jsonl"  # HellaSwag's validation set; downloaded when missing
+lm_eval_include_path = ""  # a directory of your own lm-evaluation-harness task YAMLs, to name them in tasks
+lm_eval_num_fewshot = -1  # lm_eval tasks: few-shot examples in each prompt; -1 = each task's own (0 if it has none)
 results = ""  # also write the results to this JSON file
 device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bf16/fp16 on CUDA, fp32 elsewhere), 'float32', 'bfloat16', 'float16'
@@ -126,12 +129,14 @@ def main(s):
         out.update(estimate_loss(model, {"val": splits["val"]}, cfg.block_size, s["batch_size"], s["eval_iters"],
                                  ctx, device, rank, world_size, token_bytes))
     paths = {"hellaswag": s["hellaswag_path"]}
-    loaded = load_tasks([n for n in names if n != "val"], paths, tok, cfg.block_size, s["max_examples"], rank, ddp)
+    fewshot = None if s["lm_eval_num_fewshot"] < 0 else s["lm_eval_num_fewshot"]
+    loaded = load_tasks([n for n in names if n != "val"], paths, tok, cfg.block_size, s["max_examples"], rank, ddp,
+                        s["lm_eval_include_path"], fewshot)
     out.update(score_tasks(loaded, model, s["batch_size"], ctx, device, rank, world_size))
     if rank == 0:
         print(f"{source}: {format_results(out)}")
-        for name in loaded:
-            print(f"{name}: {out[f'{name}_n']:,} examples scored")
+        for key in [k for k in out if k.endswith("_n")]:
+            print(f"{key[:-2]}: {out[key]:,} examples scored")
         if s["results"]:
             write_results(s["results"], out)
     if ddp:

@@ -31,7 +31,7 @@ from gpt_trainer.checkpoint import (build_model, capture_rng, check_model_args, 
                                     save_training_state, save_weights, start_over)
 from gpt_trainer.dataloader import BatchLoader, check_same_tokenizer, load_meta, open_dataset
 from gpt_trainer.evaluation import (TASKS, Interrupted, estimate_loss, eval_tokenizer, format_results, load_tasks,
-                                    parse_tasks, score_tasks, token_byte_lengths)
+                                    parse_tasks, score_tasks, split_tasks, token_byte_lengths)
 from gpt_trainer.hf import GPT2_NAMES
 from gpt_trainer.metrics import MetricsLogger
 from gpt_trainer.optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
@@ -47,7 +47,7 @@ out_dir = "out"  # checkpoints, metrics.jsonl and logs go here
 eval_interval = 2000  # iterations between evaluations of train and val loss
 log_interval = 1  # iterations between log lines (each costs a host sync)
 eval_iters = 200  # batches per split in each evaluation (a fixed set, the same every time)
-eval_tasks = ""  # multiple-choice tasks scored during training, comma-separated: 'hellaswag'; '' = none
+eval_tasks = ""  # tasks scored during training, comma-separated: 'hellaswag', then 'lm_eval:NAME' (this and all after it: lm-evaluation-harness tasks or task YAML paths); '' = none
 eval_tasks_interval = 0  # iterations between scorings of eval_tasks; 0 = eval_interval
 eval_tasks_max = 0  # examples per task in each scoring (the first ones, the same every time); 0 = all
 hellaswag_path = "data/hellaswag/hellaswag_val.jsonl"  # HellaSwag's validation set; downloaded when missing
@@ -62,6 +62,7 @@ wandb_log = False  # log to Weights & Biases as well as out_dir/metrics.jsonl
 wandb_project = "owt"  # wandb project name
 wandb_run_name = "gpt2"  # wandb run name
 tensorboard_log = False  # also write the logged numbers to out_dir/tensorboard for TensorBoard
+plot = False  # write out_dir/metrics.png (plot.py's figure of metrics.jsonl) after every eval
 # data
 dataset = "openwebtext"  # a prepared dataset under data/
 data_dir = ""  # explicit path to a dataset directory; overrides dataset when set
@@ -122,9 +123,9 @@ RULES = dict(
     init_from=(lambda v: v in ("scratch", "resume", "auto", *GPT2_NAMES) or os.path.isdir(v),
                "'scratch', 'resume', 'auto', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a "
                "Hugging Face model directory that exists"),
-    eval_tasks=(lambda v: all(name.strip() in TASKS for name in v.split(",") if name.strip()),
-                f"comma-separated task names from {', '.join(TASKS)}, or ''"), eval_tasks_interval=NON_NEGATIVE, eval_tasks_max=NON_NEGATIVE, hellaswag_path=ANY,
-    tensorboard_log=ANY, overwrite=ANY, max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
+    eval_tasks=(lambda v: parse_tasks(v, "eval_tasks") is not None,  # names the bad task itself
+                f"comma-separated task names from {', '.join(TASKS)}, then lm_eval:NAME entries, or ''"), eval_tasks_interval=NON_NEGATIVE, eval_tasks_max=NON_NEGATIVE, hellaswag_path=ANY,
+    tensorboard_log=ANY, plot=ANY, overwrite=ANY, max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
     dataset=(lambda v: v != "", "a directory name under data/"), data_dir=ANY,
     gradient_accumulation_steps=POSITIVE, total_batch_size=NON_NEGATIVE, batch_size=POSITIVE,
     block_size=POSITIVE, sampling=one_of("random", "epoch"),
@@ -189,6 +190,8 @@ if __name__ == "__main__":
     torch.backends.cudnn.allow_tf32 = True
     if fsdp and not ddp:
         raise ConfigError("fsdp=True needs torchrun (e.g. torchrun --nproc_per_node=2 train.py ...)")
+    if fsdp and split_tasks(eval_tasks)[1]:  # the harness's ranks run different numbers of forwards
+        raise ConfigError("eval_tasks with lm_eval: tasks cannot run under fsdp=True; use DDP, or evaluate.py on a checkpoint")
     if fsdp and optimizer == "muon":
         raise ConfigError("optimizer='muon' needs whole weight matrices; use it without fsdp")
     grad_accum = derive_grad_accum(gradient_accumulation_steps, total_batch_size, batch_size,
@@ -339,6 +342,9 @@ if __name__ == "__main__":
             if master_process:
                 print(f"step {iter_num}: {format_results(results)}")
                 logger.log({"iter": iter_num, **results})
+                if plot:
+                    from gpt_trainer.plotting import plot as plot_runs
+                    plot_runs([out_dir])
             if eval_only:
                 break
             if eval_due and results["val_loss"] < best_val_loss:

@@ -273,23 +273,52 @@ def load_hellaswag(path, url=HELLASWAG_URL):
 TASKS = {"hellaswag": load_hellaswag}  # name -> loader(path) of its examples
 
 
+LM_EVAL = "lm_eval:"  # in a tasks setting: this entry and every one after it are lm-evaluation-harness tasks
+
+
+def split_tasks(names):
+    """(our task names, harness task specs) of a comma-separated tasks setting: the first entry
+    that starts with 'lm_eval:' and every one after it are the harness's (a task, a group or a
+    path to a task YAML), so 'val,hellaswag,lm_eval:arc_easy,piqa' is two of ours, two of its."""
+    entries = [t.strip() for t in names.split(",") if t.strip()]
+    first = next((i for i, t in enumerate(entries) if t.startswith(LM_EVAL)), len(entries))
+    return entries[:first], [t.removeprefix(LM_EVAL).strip() for t in entries[first:]]
+
+
 def parse_tasks(names, setting, extra=()):
-    """The task names of a comma-separated setting, each one known."""
-    parsed = [t.strip() for t in names.split(",") if t.strip()]
-    for t in parsed:
+    """The task names of a comma-separated setting, each one known; harness tasks are
+    'lm_eval:<spec>' each (see split_tasks)."""
+    ours, harness = split_tasks(names)
+    for t in ours:
         if t not in TASKS and t not in extra:
-            raise ConfigError(f"{setting}={names!r}: unknown task {t!r}; known: {', '.join([*extra, *TASKS])}")
-    return parsed
+            raise ConfigError(f"{setting}={names!r}: unknown task {t!r}; known: {', '.join([*extra, *TASKS])}, "
+                              f"or lm_eval:NAME for lm-evaluation-harness tasks")
+    if not all(harness):
+        raise ConfigError(f"{setting}={names!r}: 'lm_eval:' must be followed by a harness task name or a task YAML path")
+    return ours + [LM_EVAL + h for h in harness]
 
 
-def load_tasks(names, paths, tok, block_size, max_examples=0, rank=0, ddp=False):
-    """{task: encoded examples} (see encode_examples), the first max_examples of each (0 = all).
-    Rank 0 reads first (downloading a missing file), then the other ranks."""
+class HarnessTasks:
+    """lm-evaluation-harness tasks, loaded (harness.load_harness_tasks), with what scoring them needs."""
+
+    def __init__(self, loaded, tok, max_examples):
+        self.loaded, self.tok, self.max_examples = loaded, tok, max_examples
+
+
+def load_tasks(names, paths, tok, block_size, max_examples=0, rank=0, ddp=False, include_path="", num_fewshot=None):
+    """{task: encoded examples} (see encode_examples), the first max_examples of each (0 = all),
+    and under 'lm_eval' the harness's tasks (HarnessTasks). Rank 0 reads first (downloading a
+    missing file), then the other ranks."""
     out = {}
-    for name in names:
+    specs = [n.removeprefix(LM_EVAL) for n in names if n.startswith(LM_EVAL)]
+    for name in [n for n in names if not n.startswith(LM_EVAL)] + (["lm_eval"] if specs else []):
         if ddp and rank != 0:
             dist.barrier()
         try:
+            if name == "lm_eval":
+                from gpt_trainer.harness import load_harness_tasks
+                out[name] = HarnessTasks(load_harness_tasks(specs, include_path, num_fewshot), tok, max_examples)
+                continue
             examples = TASKS[name](paths[name])
         finally:
             if ddp and rank == 0:
@@ -306,6 +335,10 @@ def score_tasks(tasks, model, batch_size, ctx, device, rank=0, world_size=1, sho
     """{'<task>_acc', '<task>_acc_norm', '<task>_n'} for tasks from load_tasks."""
     out = {}
     for name, encoded in tasks.items():
+        if name == "lm_eval":
+            from gpt_trainer.harness import score_harness
+            out.update(score_harness(encoded.loaded, model, encoded.tok, batch_size, ctx, encoded.max_examples))
+            continue
         scores = score_multiple_choice(model, encoded, batch_size, ctx, device, rank, world_size, should_stop)
         out.update({f"{name}_{k}": v for k, v in scores.items()})
     return out
@@ -317,4 +350,5 @@ def format_results(r):
     parts += [f"val bpb {r['val_bpb']:.4f}"] if "val_bpb" in r else []
     parts += [f"{name} acc {r[f'{name}_acc']:.4f} acc_norm {r[f'{name}_acc_norm']:.4f}"
               for name in TASKS if f"{name}_acc" in r]
+    parts += [f"{k} {v:.4f}" for k, v in r.items() if k.startswith(LM_EVAL) and not k.endswith("_n")]
     return ", ".join(parts)
