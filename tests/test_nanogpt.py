@@ -29,7 +29,7 @@ from test_model import ARCHS
 from trainutil import REPO, SHAKESPEARE, child_env, load_ckpt, run_train
 
 NANOGPT = os.environ.get("NANOGPT", "")
-need_nanogpt = pytest.mark.skipif(not os.path.isfile(os.path.join(NANOGPT, "model.py")),
+need_nanogpt = pytest.mark.skipif(not NANOGPT or not os.path.isfile(os.path.join(NANOGPT, "model.py")),
                                   reason="needs a karpathy/nanoGPT checkout: set NANOGPT=DIR")
 
 # nanoGPT's GPTConfig has exactly these fields; its train.py saves them as model_args
