@@ -33,8 +33,10 @@ def saved_run(out_dir, fsdp=False):
             if not os.path.exists(path):
                 return None
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # weights stay on disk
-        if not isinstance(ckpt.get("model_args"), dict):
-            return None
+        it = ckpt.get("iter_num")
+        if not isinstance(ckpt.get("model_args"), dict) or not isinstance(it, int) or isinstance(it, bool) \
+                or not (fsdp or "optimizer" in ckpt):
+            return None  # not a resume point: load_resume_point says so, before any setting is checked
     except Exception:
         return None
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}

@@ -79,7 +79,7 @@ n_kv_head = 0  # key/value heads for grouped-query attention; 0 = n_head
 pos_emb = "learned"  # 'learned' (GPT-2) or 'rope'
 rope_theta = 10000.0  # RoPE base frequency
 norm = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm'
-mlp = "gelu"  # 'gelu' (GPT-2), 'relu2' or 'swiglu'
+mlp = "gelu"  # 'gelu' (GPT-2's tanh), 'gelu_exact' (erf, nanoGPT's), 'relu2' or 'swiglu'
 multiple_of = 64  # SwiGLU hidden size rounds up to a multiple of this
 qk_norm = False  # normalise queries and keys before attention
 tie_embeddings = True  # share the token embedding with the output head (GPT-2)

@@ -198,7 +198,7 @@ def settings_of_resume(tmp_path, *argv, config=None):
     model = GPT(GPTConfig(**dict(ARGS, mlp="gelu_exact")))
     saved_config = dict({k: getattr(train, k) for k in train.SETTINGS}, **(config or {}))
     torch.save({"model": model.state_dict(), **nanogpt.checkpoint_fields(model.config), "iter_num": 3,
-                "config": saved_config}, os.path.join(out, "ckpt.pt"))
+                "optimizer": {}, "config": saved_config}, os.path.join(out, "ckpt.pt"))
     defaults, given = {k: getattr(train, k) for k in train.SETTINGS}, set()
     settings = configure(defaults, ["--init_from=resume", f"--out_dir={out}", *argv], "train.py", given)
     return resume_settings(defaults, settings, given, saved_run(out), train.MODEL_KEYS)
