@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-import hf
+from gpt_trainer import hf
 from model import GPT, GPTConfig
 from test_model import ARCHS
 

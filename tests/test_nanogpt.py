@@ -1,5 +1,5 @@
 """
-nanoGPT's checkpoints, both ways (nanogpt.py, docs/nanogpt.md).
+nanoGPT's checkpoints, both ways (gpt_trainer/nanogpt.py, docs/nanogpt.md).
 
 Without a nanoGPT checkout: a checkpoint laid out as nanoGPT's train.py writes one (its
 model_args keys, its state_dict names) is checked against a reference forward written here
@@ -19,12 +19,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import checkpoint
-import nanogpt
-import optim
 from configurator import ConfigError
+from gpt_trainer import checkpoint, nanogpt, optim
+from gpt_trainer.resume_config import resume_settings, saved_run
 from model import GPT, GPTConfig
-from resume_config import resume_settings, saved_run
 from test_model import ARCHS
 from trainutil import REPO, SHAKESPEARE, child_env, load_ckpt, run_train
 

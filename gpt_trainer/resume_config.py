@@ -10,9 +10,10 @@ import os
 
 import torch
 
-import nanogpt
-from checkpoint import load_sharded_state, sharded_dir
-from configurator import ConfigError, type_ok
+from configurator import type_ok
+from gpt_trainer import nanogpt
+from gpt_trainer.checkpoint import load_sharded_state, sharded_dir
+from gpt_trainer.errors import ConfigError
 
 # where and how this launch runs, not what it trains: always this launch's values (a nanoGPT
 # checkpoint from a GPU says device='cuda', compile=True)
