@@ -38,6 +38,9 @@ def saved_run(out_dir, fsdp=False):
         if not isinstance(ckpt.get("model_args"), dict) or not isinstance(it, int) or isinstance(it, bool) \
                 or not (fsdp or "optimizer" in ckpt):
             return None  # not a resume point: load_resume_point says so, before any setting is checked
+        weights = [t for t in (ckpt.get("model") or {}).values() if torch.is_tensor(t) and t.is_floating_point()]
+        if not all(torch.isfinite(t).all() for t in weights):
+            return None  # likewise (NaN/inf weights); one read of the mapped file, only on resume
     except Exception:
         return None
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
