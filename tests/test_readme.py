@@ -18,8 +18,8 @@ import pytest
 from trainutil import REPO, SHAKESPEARE, child_env
 
 README = os.path.join(REPO, "README.md")
-DOCS = [os.path.join(REPO, "docs", "evaluation.md")]  # run after the README's, in this order
-COMMAND = re.compile(r"^    (python|torchrun|pip|bash|hf |NANO)")
+DOCS = [os.path.join(REPO, "docs", name) for name in ("nanogpt.md", "evaluation.md")]  # run after the README's, in this order
+COMMAND = re.compile(r"^    (python|torchrun|pip|bash|hf |NANO|cd )")
 # appended to every train.py run: a tiny model, two iterations, and a fresh start in an out_dir
 # that an earlier command of the README already trained into
 TINY_TRAIN = ("--device=cpu --compile=False --n_layer=1 --n_head=2 --n_kv_head=0 --n_embd=32 --block_size=32 "
@@ -41,7 +41,9 @@ SKIPS = [  # (a part of the command, why it cannot run here)
     ("openwebtext/prepare.py", "downloads OpenWebText (54 GB)"),
     ("hf download", "downloads SmolLM2 from the Hugging Face hub"),
     ("SmolLM2", "needs SmolLM2-135M from the hub"), ("smollm2", "needs SmolLM2-135M from the hub"),
-    ("--nnodes=2", "needs a second machine"), ("NANO", "needs a nanoGPT checkout ($NANOGPT)"),
+    ("--nnodes=2", "needs a second machine"), ("NANO", "needs a nanoGPT checkout ($NANOGPT): run by "
+                                                       "tests/test_nanogpt.py with NANOGPT=DIR"),
+    ("--index-url", "installs torch from download.pytorch.org; .ci/run installs the same CPU build"),
     ("--input=src/", "run with the inputs it names by tests/test_prepare.py::test_readme_data_commands"),
     ("--input='logs", "run with the inputs it names by tests/test_prepare.py::test_readme_data_commands"),
     ("--input=docs.parquet", "run with the inputs it names by tests/test_prepare.py::test_readme_data_commands"),
@@ -102,12 +104,15 @@ def plan(command):
 
 def test_every_readme_command_has_a_plan():
     commands = readme_commands()
-    quick_start = commands[0]
+    quick_start = next(c for c in commands if "prepare.py" in c)  # after the install line
     assert "prepare.py" in quick_start and "train.py" in quick_start and "sample.py" in quick_start
     assert [kind for kind, _ in plan(quick_start)] == ["skip", "run", "run", "run"]
     # the README's test command is the one .ci/run runs
     assert "pip install -r requirements.txt && python -m pytest -q tests" in commands
-    assert "python -m pytest -q tests\n" in open(os.path.join(REPO, ".ci", "run")).read()
+    ci = open(os.path.join(REPO, ".ci", "run")).read().splitlines()
+    assert "pip install -r requirements.txt && python -m pytest -q tests" in ci, "CI runs it as written"
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu && pip install -r requirements.txt" \
+        in commands, "the README says how to install without CUDA wheels"
     plans = [p for c in commands for p in plan(c)]
     runs = [cmd for kind, cmd in plans if kind == "run"]
     assert len(runs) >= 15, "most of the README's commands run here"
