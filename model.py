@@ -13,7 +13,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cpu_kernels import Linear, attention, decoding
+import cpu_kernels
+from cpu_kernels import Linear, attention, decode_linear, decode_weight, decoding
 
 WINDOWS = ("exact", "chunked", "sliding")  # generation past block_size, see generate_stream
 RECOMPUTE = ("none", "block", "attn", "mlp")  # activation checkpointing, see GPT.set_recompute
@@ -96,7 +97,9 @@ def norm(x, params, name, config):
 
 
 def linear(x, params, name):
-    return F.linear(x, params[name + ".weight"], params.get(name + ".bias"))
+    """A decoding step's Linear `name`; params from GPT.decode_params, which holds its weight as
+    params['kernel'] reads it."""
+    return decode_linear(x, params[name + ".weight"], params.get(name + ".bias"), params["kernel"])
 
 
 def make_norm(config, ndim=None):
@@ -341,9 +344,20 @@ class GPT(nn.Module):
         for block in self.transformer.h[:-1]:
             block.recompute = what
 
-    def decode_params(self):
-        """Per block, its parameters by name ('attn.c_attn.weight', ...), as decode() reads them."""
-        return [dict(block.named_parameters()) for block in self.transformer.h]
+    def decode_params(self, kernel=None):
+        """Per block, its parameters by name ('attn.c_attn.weight', ...) and 'kernel', as decode()
+        reads them: with kernel 'aten_t' (cpu_kernels.DECODE_KERNEL by default) the matrices are
+        transposed copies, kept until a parameter changes (in place or replaced)."""
+        kernel = kernel or cpu_kernels.DECODE_KERNEL
+        blocks = [dict(block.named_parameters()) for block in self.transformer.h]
+        key = (kernel, [(id(p), p.data_ptr(), p._version) for p in self.parameters()])
+        cached = getattr(self, "_decode_params", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                prepared = [{**{n: decode_weight(p, kernel) if p.dim() == 2 else p for n, p in b.items()},
+                             "kernel": kernel} for b in blocks]
+            self._decode_params = cached = (key, prepared)
+        return cached[1]
 
     def decode(self, token, cache, params):
         """Logits (B, 1, V) for token (B, 1) after the tokens in cache: forward() in eval mode
@@ -438,7 +452,8 @@ class GPT(nn.Module):
         seq[:, :T] = idx
         cache, params = None, self.decode_params()
         for L in range(T, T + max_new_tokens):  # L tokens so far
-            with decoding(self.lm_head.weight):
+            one = use_cache and cache is not None and (cache.pos < bs or sliding)
+            with decoding(self.lm_head.weight, threads=None if one else 0):  # DECODE_THREADS for one
                 if not use_cache:
                     logits, _ = self(seq[:, 0 if sliding else max(0, L - bs):L], sliding=sliding)
                 elif cache is not None and (cache.pos < bs or sliding):

@@ -18,9 +18,9 @@ from trainutil import corpus_text, write_char_dataset  # noqa: E402
 # 1 layer x 32, block 16: an iteration takes milliseconds, so a run is mostly start-up
 TINY_TRAIN = ["--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=32",
               "--block_size=16", "--batch_size=4", "--gradient_accumulation_steps=1",
-              "--warmup_iters=2", "--max_iters=8", "--warmup=2"]
+              "--warmup_iters=2", "--max_iters=8", "--warmup=2", "--measure_mb=8", "--measure_n=128"]
 TINY_SAMPLE = ["--sample", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
-               "--tokens=40", "--repeats=2", "--in_process"]
+               "--tokens=40", "--repeats=2", "--in_process", "--measure_mb=8", "--measure_n=128"]
 
 
 @pytest.fixture(scope="module")
