@@ -545,6 +545,8 @@ def check_tokens(models, prompt, cases, outputs, args):
     checks = []
     variants = [(i, 1) for i, case in enumerate(cases) if case[0].startswith(cases[0][0] + ",")]
     for cached, uncached in (*TOKEN_CHECKS, *variants):
+        if cached not in outputs or uncached not in outputs:  # not both chosen by --cases
+            continue
         where = first_difference(outputs[cached], outputs[uncached])
         check = {"cached": cases[cached][0], "uncached": cases[uncached][0],
                  "fp32_first_difference": where, "fp64_first_difference": None}
@@ -580,7 +582,7 @@ def fresh_process_case(i, args):
 
 # aten ops by what they do in a decoding step, matched in their names; the rest of a
 # token's time is other ops (residual adds, views, allocations) and Python
-OP_KINDS = {"matmuls": ("addmm", "aten::mm", "addmv", "aten::mv", "bmm"),
+OP_KINDS = {"matmuls": ("addmm", "aten::mm", "addmv", "aten::mv", "bmm", "_linear_pointwise"),
             "attention": ("scaled_dot_product", "flash_attention"),
             "norms": ("layer_norm", "rms_norm"), "activation": ("gelu", "silu", "relu"),
             "copies (KV cache, output)": ("copy_",),
@@ -622,19 +624,22 @@ def bench_sample(overrides, args):
         seconds, out = timed_case(models, prompt, cases[args.case], args)
         print(json.dumps({"seconds": seconds, "tokens": out.tolist()}))
         return None
-    times, outputs, machine = {c[0]: [] for c in cases}, [], []
+    chosen = [i for i, case in enumerate(cases) if not args.cases
+              or any(part.strip() in case[0] for part in args.cases.split(";"))]
+    if not chosen:
+        raise UserError(f"--cases={args.cases!r} matches none of: {'; '.join(c[0] for c in cases)}")
+    times, outputs, machine = {cases[i][0]: [] for i in chosen}, {}, []
     for rep in range(args.repeats):  # interleaved: every case sees the same machine noise
         machine.append(measure_machine(args, ("float32",)))
-        for i, case in enumerate(cases):
-            seconds, out = (timed_case(models, prompt, case, args) if args.in_process
+        for i in chosen:
+            seconds, out = (timed_case(models, prompt, cases[i], args) if args.in_process
                             else fresh_process_case(i, args))
-            times[case[0]].append(args.num_samples * case[2] / seconds)
-            if rep == 0:
-                outputs.append(out)
+            times[cases[i][0]].append(args.num_samples * cases[i][2] / seconds)
+            outputs.setdefault(i, out)
         print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(
-            f"{c[0]} {times[c[0]][-1]:,.1f}" for c in cases) + " tokens/s", flush=True)
+            f"{name} {speeds[-1]:,.1f}" for name, speeds in times.items()) + " tokens/s", flush=True)
     checks = check_tokens(models, prompt, cases, outputs, args)
-    floors = sample_floors(models, cases, machine, args.num_samples)
+    floors = sample_floors(models, cases, times, machine, args.num_samples)
     print_sample(models["gpt"], cases, times, checks, floors, machine, args)
     return {"mode": "sample", "config": vars(models["gpt"].config), "num_samples": args.num_samples,
             "temperature": args.temperature, "top_k": args.top_k, "threads": torch.get_num_threads(),
@@ -659,7 +664,7 @@ def machine_median(machine, key, dtype=None):
     return statistics.median(values)
 
 
-def sample_floors(models, cases, machine, batch):
+def sample_floors(models, cases, times, machine, batch):
     """{case: tokens/s at the floor}: the copy bandwidth and fp32 matmul rate are the medians
     of those measured before each repeat; nanoGPT's generate is the uncached recomputation."""
     import floors
@@ -667,6 +672,8 @@ def sample_floors(models, cases, machine, batch):
     rate = machine_median(machine, "matmul_flops_per_s", "float32")
     out = {}
     for name, kind, n, use_cache, window, _ in cases:
+        if name not in times:
+            continue
         model = models["gpt" if kind == "nanogpt" else kind]
         seconds = floors.generation_floor(model, 1, n, use_cache, window or "exact", bandwidth, rate, batch)
         out[name] = batch * n / seconds
@@ -688,8 +695,10 @@ def sample_speedups(cases, times):
     variant against the first KV cache case."""
     pairs = {key: (i, j) for key, (i, j) in SPEEDUPS.items()
              if j < len(cases) and ("nanogpt" not in key or cases[j][1] == "nanogpt")}
+    pairs = {key: (i, j) for key, (i, j) in pairs.items() if cases[i][0] in times and cases[j][0] in times}
     pairs.update({f"variant {cases[i][5][0]}@{cases[i][5][1]} vs {cases[0][5][0]}@{cases[0][5][1]}": (i, 0)
-                  for i, case in enumerate(cases) if case[0].startswith(cases[0][0] + ",")})
+                  for i, case in enumerate(cases) if case[0].startswith(cases[0][0] + ",")
+                  and case[0] in times and cases[0][0] in times})
     return {key: [a / b for a, b in zip(times[cases[i][0]], times[cases[j][0]])] for key, (i, j) in pairs.items()}
 
 
@@ -705,7 +714,7 @@ def print_sample(model, cases, times, checks, floors, machine, args):
           f"{machine_median(machine, 'matmul_flops_per_s', 'float32') / 1e9:.0f} GFLOP/s (medians of "
           f"{len(machine)}); a cached token reads {weight_mb(model):.1f} MB of weights plus its KV cache")
     print(f"{'case':<40}{'tokens/s':>26}{'ms/token':>10}{'floor ms':>10}{'of floor':>10}")
-    for name, *_ in cases:
+    for name in times:
         mid = statistics.median(times[name])
         print(f"{name:<40}{fmt_spread(times[name], ',.1f'):>26}{1000 * args.num_samples / mid:>10.2f}"
               f"{1000 * args.num_samples / floors[name]:>10.2f}{floor_fraction(mid, floors[name]):>10.1%}")
@@ -762,6 +771,8 @@ def parse_args(argv):
                    "GPT_CPU_KERNEL for train.py); two, comma-separated, compare them A/B")
     p.add_argument("--measure_mb", type=int, default=256, help="size of the copy that measures bandwidth, MiB")
     p.add_argument("--measure_n", type=int, default=1536, help="size of the matmuls that measure FLOP/s")
+    p.add_argument("--cases", help="--sample: only the cases whose names contain one of these "
+                   "';'-separated parts, e.g. '255 new, KV cache;255 new, nanoGPT'")
     p.add_argument("--case", type=int, help=argparse.SUPPRESS)  # one case, in a child process
     p.add_argument("--nanogpt", metavar="DIR", help="--sample: also time nanoGPT's generate (DIR/model.py) "
                    "on the same weights")
