@@ -59,7 +59,7 @@ def check_train_floor(out, run, data_dir):
     """The floor: FLOPs per iteration as the MFU formula gives them for the model train.py
     built (6N + 12 L H Q T per token), over the best fp32 rate measured before the run; the
     printed fraction is the measured speed over the floor's."""
-    from dataloader import load_meta
+    from gpt_trainer.dataloader import load_meta
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=load_meta(data_dir)["vocab_size"]))
     assert run["flops_per_iter"] == (6 * model.get_num_params() + 12 * 1 * 2 * 16 * 16) * 4 * 16  # 4 x 16 tokens
@@ -117,7 +117,7 @@ def check_sample_report(out, report):
 def check_sample_floor(out, report):
     """The KV cache case's floor: its bytes (floors.py) over the median copy bandwidth of
     those measured before each repeat; printed fractions are measured speed over the floor's."""
-    import floors
+    from gpt_trainer import floors
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(**{**bench.SAMPLE_MODEL, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}))
     assert len(report["machine"]) >= 1  # measured before each repeat
@@ -204,6 +204,20 @@ def test_quality_times_whole_runs(tiny_data, tmp_path):
     assert "--init_from=scratch" in a["command"] and "B's seconds to val <= 10.0" in out
 
 
+@pytest.mark.slow
+def test_quality_against_an_external_command(tiny_data, tmp_path):
+    """--quality --compare-cmd: B is a command printing nanoGPT's `step N: train loss X, val
+    loss Y` lines; A's time to the target is reported over B's (B's best where it never got there)."""
+    lines = "; ".join(f"print('step {i}: train loss 9.0, val loss {v}', flush=True)" for i, v in ((0, 9.5), (4, 9.0)))
+    out, report = run_bench(*TINY_TRAIN, f"--data_dir={tiny_data}", "--quality", "--target=10",
+                            "--compare-cmd", f'{sys.executable} -c "{lines}"', tmp_path=tmp_path)
+    a, b = report["A"][0], report["B"][0]
+    assert [e[1:] for e in b["evals"]] == [[0, 9.5], [4, 9.0]] and b["best_val_loss"] == 9.0
+    assert a["s_to_target"] and b["s_to_target"] == b["evals"][0][0]
+    assert report["a_over_b"] == [pytest.approx(a["s_to_target"] / b["s_to_target"])]
+    assert "A's seconds to val <= 10.0 / B's" in out
+
+
 def test_sample_bad_model_setting_is_a_user_error():
     with pytest.raises(UserError, match=r"--sample model settings: n_embd=64 is not divisible by n_head=6"):
         bench.sample_models({"n_embd": 64, "n_head": 6}, 0, None)
@@ -223,7 +237,7 @@ def test_sample_decode_variants(tmp_path):
     """--decode_kernel and --decode_threads A/B every decode kernel and thread count in one
     command: each gets the KV cache case, its tokens equal full recomputation, and its
     per-repeat ratio to the first is reported; --cases keeps only the cases named."""
-    import cpu_kernels
+    from gpt_trainer import cpu_kernels
     kernels = ["aten_t", "aten"] + (["onednn"] if cpu_kernels.ONEDNN_LINEAR is not None else [])
     out, report = run_bench(*TINY_SAMPLE, f"--decode_kernel={','.join(kernels)}", "--decode_threads=1,2",
                             "--cases=31 new, KV cache;31 new, no cache", tmp_path=tmp_path)

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_probs_attention_matches_sdpa_and_gradcheck():
     """ProbsAttention (bf16 CPU attention) is exact causal attention: gradcheck in float64, and
     outputs and gradients equal to SDPA's in fp32."""
-    from cpu_kernels import ProbsAttention
+    from gpt_trainer.cpu_kernels import ProbsAttention
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
     assert torch.autograd.gradcheck(ProbsAttention.apply, (q, k, v))
@@ -33,7 +33,7 @@ def test_probs_attention_matches_sdpa_and_gradcheck():
 def test_cpu_bf16_attention(monkeypatch, probs_limit):
     """Under CPU bf16 autocast, attention is ProbsAttention in bf16 while the probabilities are
     small, else fp32 SDPA of the bf16 inputs rounded once; both are close to fp32 attention."""
-    from cpu_kernels import ProbsAttention, attention
+    from gpt_trainer.cpu_kernels import ProbsAttention, attention
     monkeypatch.setattr(ProbsAttention, "PROBS", probs_limit)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 16, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
@@ -54,7 +54,7 @@ def test_cpu_bf16_attention(monkeypatch, probs_limit):
 
 
 def test_cpu_vendor_picks_onednn_for_amd_only(tmp_path):
-    import cpu_kernels
+    from gpt_trainer import cpu_kernels
     for vendor in ("AuthenticAMD", "GenuineIntel"):
         (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\n")
         assert cpu_kernels.cpu_vendor(str(tmp_path / "cpuinfo")) == vendor
@@ -67,7 +67,7 @@ def test_cpu_vendor_picks_onednn_for_amd_only(tmp_path):
 
 @pytest.mark.parametrize("onednn", [True, False])
 def test_linear_follows_onednn_fp32(monkeypatch, onednn):
-    import cpu_kernels
+    from gpt_trainer import cpu_kernels
     if cpu_kernels.ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN")
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32", onednn)
@@ -79,7 +79,7 @@ def test_linear_follows_onednn_fp32(monkeypatch, onednn):
 def test_cpu_linear_matches_aten_with_gradients(monkeypatch):
     """cpu_kernels.Linear with oneDNN on (as on AMD CPUs) against F.linear: outputs and all
     three gradients."""
-    import cpu_kernels
+    from gpt_trainer import cpu_kernels
     if cpu_kernels.ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN")
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32", True)
@@ -101,7 +101,7 @@ def test_cpu_linear_matches_aten_with_gradients(monkeypatch):
 @pytest.fixture
 def small_slices(monkeypatch):
     """DropoutAttention in slices of 2 heads, so the slicing itself is exercised."""
-    from cpu_kernels import DropoutAttention
+    from gpt_trainer.cpu_kernels import DropoutAttention
     monkeypatch.setattr(DropoutAttention, "ROWS", 2 * 16 * 16)
     return DropoutAttention
 
@@ -132,12 +132,13 @@ def test_dropout_attention_gradients_and_masks(small_slices):
 
 
 def test_decoding_turns_onednn_off_for_fp32_cpu_steps_only():
-    from cpu_kernels import decoding
+    from gpt_trainer.cpu_kernels import decoding
+    from gpt_trainer.generate import generate
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
     seen = []
     model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.mkldnn.enabled))
-    model.generate(torch.zeros(1, 1, dtype=torch.long), 3)
+    generate(model, torch.zeros(1, 1, dtype=torch.long), 3)
     assert seen == [False] * 3 and torch.backends.mkldnn.enabled  # restored after each step
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls need oneDNN
         with decoding(model.lm_head.weight):
@@ -148,8 +149,8 @@ def test_decoding_turns_onednn_off_for_fp32_cpu_steps_only():
 
 def test_linear_kernel_choices():
     """Training Linear's fp32 kernel: 'auto' is oneDNN on AMD only, and either can be forced."""
-    import cpu_kernels
-    from configurator import UserError
+    from gpt_trainer import cpu_kernels
+    from gpt_trainer.errors import UserError
     has = cpu_kernels.ONEDNN_LINEAR is not None
     assert cpu_kernels.linear_kernel("auto", "AuthenticAMD") == ("onednn" if has else "aten")
     assert cpu_kernels.linear_kernel("auto", "GenuineIntel") == "aten"
@@ -166,8 +167,8 @@ def test_kernel_environment_variables():
     new process (train.py, a sample case); a bad value is one line naming the variable."""
     import subprocess
     import sys
-    import cpu_kernels
-    probe = ("import cpu_kernels as k; print(k.ONEDNN_FP32, k.ONEDNN_MIN_ROWS, k.DECODE_KERNEL, "
+    from gpt_trainer import cpu_kernels
+    probe = ("import gpt_trainer.cpu_kernels as k; print(k.ONEDNN_FP32, k.ONEDNN_MIN_ROWS, k.DECODE_KERNEL, "
              "k.DECODE_THREADS)")
     env = dict(os.environ, GPT_CPU_KERNEL="aten", GPT_ONEDNN_MIN_ROWS="4", GPT_DECODE_KERNEL="aten",
                GPT_DECODE_THREADS="2")
@@ -190,8 +191,9 @@ def test_decode_kernels_equal_full_recomputation(monkeypatch, kernel, threads):
     """Every decode matmul kernel, at one and two threads: a decoding step's logits are
     forward()'s, and greedy tokens with the cache equal those of full recomputation; the step
     runs at its thread count and the caller's is restored."""
-    import cpu_kernels
-    from model import GPT, GPTConfig, KVCache
+    from gpt_trainer import cpu_kernels
+    from gpt_trainer.generate import KVCache, decode, decode_params, generate
+    from model import GPT, GPTConfig
     if kernel == "onednn" and cpu_kernels.ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN")
     monkeypatch.setattr(cpu_kernels, "DECODE_KERNEL", kernel)
@@ -202,32 +204,33 @@ def test_decode_kernels_equal_full_recomputation(monkeypatch, kernel, threads):
     caches = [KVCache(2), KVCache(2)]
     for cache in caches:
         model(idx[:, :5], kv_cache=cache)
-    params = model.decode_params()
+    params = decode_params(model)
     assert params[0]["kernel"] == kernel
     shape = params[0]["attn.c_attn.weight"].shape
     assert shape == ((64, 192) if kernel == "aten_t" else (192, 64))  # (in, out) copies for aten_t
     for t in range(5, 12):
         want, _ = model(idx[:, t:t + 1], kv_cache=caches[0])
-        torch.testing.assert_close(model.decode(idx[:, t:t + 1], caches[1], params), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(decode(model, idx[:, t:t + 1], caches[1], params), want, rtol=1e-5, atol=1e-5)
     seen = []
     model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()
-    cached = model.generate(idx[:, :3], 20, temperature=0)
+    cached = generate(model, idx[:, :3], 20, temperature=0)
     assert seen == [before] + [threads] * 19 and torch.get_num_threads() == before  # the prefill keeps torch's
-    assert torch.equal(cached, model.generate(idx[:, :3], 20, temperature=0, use_cache=False))
+    assert torch.equal(cached, generate(model, idx[:, :3], 20, temperature=0, use_cache=False))
 
 
 def test_decode_params_follow_the_weights():
     """aten_t's transposed copies are kept between generate calls and rebuilt once a weight
     changes, so sampling after a training step uses the new weights."""
+    from gpt_trainer.generate import decode_params
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
-    first = model.decode_params("aten_t")
-    assert model.decode_params("aten_t") is first
+    first = decode_params(model, "aten_t")
+    assert decode_params(model, "aten_t") is first
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.mul_(2)  # as an optimizer step does, in place
-    again = model.decode_params("aten_t")
+    again = decode_params(model, "aten_t")
     assert again is not first
     assert torch.equal(again[0]["mlp.c_fc.weight"], model.transformer.h[0].mlp.c_fc.weight.t())
-    assert model.decode_params("aten")[0]["mlp.c_fc.weight"] is model.transformer.h[0].mlp.c_fc.weight
+    assert decode_params(model, "aten")[0]["mlp.c_fc.weight"] is model.transformer.h[0].mlp.c_fc.weight

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bench
-import floors
+from gpt_trainer import floors, generate as gen
 from model import GPT, GPTConfig
 
 
@@ -39,23 +39,23 @@ def test_kv_and_flops_by_hand():
 @pytest.mark.parametrize("use_cache,window", [(True, "exact"), (True, "chunked"), (True, "sliding"),
                                               (False, "exact"), (False, "sliding")])
 def test_generation_steps_are_what_generate_runs(monkeypatch, use_cache, window):
-    """(tokens fed, positions attended) per step, recorded from GPT.forward and GPT.decode."""
+    """(tokens fed, positions attended) per step, recorded from GPT.forward and generate.decode."""
     model = tiny(pos_emb="rope", block_size=8).eval()
     seen = []
-    forward, decode = GPT.forward, GPT.decode
+    forward, decode = GPT.forward, gen.decode
 
     def record_forward(self, idx, targets=None, kv_cache=None, all_logits=False, sliding=False):
         T = idx.size(1)
         seen.append((T, min(kv_cache.pos + T, 8) if kv_cache is not None else T))
         return forward(self, idx, targets, kv_cache, all_logits, sliding)
 
-    def record_decode(self, token, cache, params):
+    def record_decode(model, token, cache, params):
         seen.append((1, min(cache.pos + 1, 8)))
-        return decode(self, token, cache, params)
+        return decode(model, token, cache, params)
 
     monkeypatch.setattr(GPT, "forward", record_forward)
-    monkeypatch.setattr(GPT, "decode", record_decode)
-    model.generate(torch.zeros(1, 3, dtype=torch.long), 20, use_cache=use_cache, window=window)
+    monkeypatch.setattr(gen, "decode", record_decode)
+    gen.generate(model, torch.zeros(1, 3, dtype=torch.long), 20, use_cache=use_cache, window=window)
     assert floors.generation_steps(8, 3, 20, use_cache, window) == seen
 
 

@@ -16,34 +16,38 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def best_seconds(fn, repeats):
+def best_seconds(fn, repeats, device="cpu"):
     """The fastest of `repeats` timed calls after one warm-up: on a shared machine the
     fastest run is the one least disturbed by other processes."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times)
 
 
-def copy_bandwidth(nbytes=256 << 20, repeats=5):
+def copy_bandwidth(nbytes=256 << 20, repeats=5, device="cpu"):
     """Bytes per second a large tensor copy moves (read plus written, as STREAM's copy counts
     them), with torch's threads; far larger than the caches, so it is the memory's rate."""
-    src = torch.ones(nbytes // 4)
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / best_seconds(lambda: dst.copy_(src), repeats)
+    return 2 * nbytes / best_seconds(lambda: dst.copy_(src), repeats, device)
 
 
-def matmul_rates(dtype="float32", n=2048, repeats=3):
+def matmul_rates(dtype="float32", n=2048, repeats=3, device="cpu"):
     """{library: FLOP/s} of an (n, n) x (n, n) matmul in `dtype` through aten's default path
-    (MKL's sgemm for fp32 on x86) and, where torch has it, oneDNN's; the floor uses the best."""
-    from cpu_kernels import ONEDNN_LINEAR
-    a = torch.randn(n, n).to(DTYPES[dtype])
-    b = torch.randn(n, n).to(DTYPES[dtype])
-    rates = {"aten": 2 * n ** 3 / best_seconds(lambda: torch.mm(a, b), repeats)}
-    if ONEDNN_LINEAR is not None:
+    (MKL's sgemm for fp32 on x86) and, on a CPU where torch has it, oneDNN's; the floor uses
+    the best."""
+    from gpt_trainer.cpu_kernels import ONEDNN_LINEAR
+    a = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    b = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    rates = {"aten": 2 * n ** 3 / best_seconds(lambda: torch.mm(a, b), repeats, device)}
+    if ONEDNN_LINEAR is not None and torch.device(device).type == "cpu":
         rates["onednn"] = 2 * n ** 3 / best_seconds(lambda: ONEDNN_LINEAR(a, b, None, "none", [], ""), repeats)
     return rates
 

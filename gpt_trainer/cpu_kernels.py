@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from configurator import UserError
+from gpt_trainer.errors import UserError
 
 
 def cpu_vendor(cpuinfo="/proc/cpuinfo"):
