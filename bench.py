@@ -568,7 +568,7 @@ def time_generate(model, prompt, case, args, seed, autocast=True):
         else:
             out = generate(model, prompt, n, temperature=args.temperature, top_k=args.top_k or None,
                            generator=torch.Generator(device).manual_seed(seed), use_cache=use_cache,
-                           window=window, cuda_graphs=graphs[0] if graphs else True)
+                           window=window, cuda_graphs=graphs)
     out = out.cpu()  # waits for the device
     return time.perf_counter() - t0, out
 

@@ -249,3 +249,15 @@ def test_sample_decode_variants(tmp_path):
     assert "decode aten_t at 1 thread(s)" in out
     with pytest.raises(AssertionError, match="matches none of"):
         run_bench(*TINY_SAMPLE, "--cases=nothing", tmp_path=tmp_path)
+
+
+def test_train_dtype_and_device_reach_train_py(tiny_data, tmp_path):
+    """--dtype and --device are --sample's options too; when training they are train.py's, and
+    the floor uses the rate of the dtype the run used."""
+    args = [a for a in TINY_TRAIN if a != "--max_iters=8"] + ["--max_iters=4", "--warmup=1"]
+    out, report = run_bench(*args, f"--data_dir={tiny_data}", "--dtype=bfloat16", tmp_path=tmp_path)
+    run = report["result"]["rounds"][0]
+    assert "--dtype=bfloat16" in run["command"] and "--device=cpu" in run["command"]
+    assert run["dtype"] == "bfloat16"
+    rate = run["machine"]["matmul_flops_per_s"]["bfloat16"]
+    assert run["floor_ms_per_iter"] == pytest.approx(1000 * run["flops_per_iter"] / rate)
