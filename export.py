@@ -11,6 +11,7 @@ import sys
 
 from configurator import ArgumentParser, install_error_hook
 from gpt_trainer.checkpoint import build_model, consolidate, load_checkpoint
+from gpt_trainer.errors import HFError
 from gpt_trainer.hf import checkpoint_tokenizer_files, export_model, read_gpt2_tokenizer_files
 
 
@@ -18,6 +19,8 @@ def export_hf(ckpt_path, out_dir):
     """Export one of our checkpoints with its tokenizer: the HF or bpe tokenizer its data was
     encoded with, or GPT-2's files when its data was GPT-2 BPE. Returns (model, what tokenizer
     was written: 'hf', 'bpe', 'gpt2' or None)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise HFError(f"--out={out_dir} is a file, not a directory; pick another --out")
     ckpt = load_checkpoint(ckpt_path)
     model = build_model(ckpt, ckpt_path)
     meta = ckpt.get("meta") or {}
