@@ -440,6 +440,7 @@ if __name__ == "__main__":
                       f"mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}")
                 logger.log({"iter": iter_num, "loss": lossf, "lr": lr_scale * learning_rate, "grad_norm": norm,
                             "ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt, "mfu": mfu,
+                            "flops_per_iter": raw_model.flops_per_token() * tokens_per_iter,
                             "bad_steps": bad_steps, "data_wait_ms": loader.wait_time * 1000,
                             "peak_cuda_mem_mb": peak_gpu_memory_mb(device_type)})
         t0 = time.perf_counter()

@@ -1,5 +1,5 @@
 """
-Every command README.md shows is run as written, so a documented example cannot silently
+Every command README.md and docs/cpu_speed.md show is run as written, so a documented example cannot silently
 break. plan() says how each one runs here: as written, with tiny settings appended where it
 would train or sample for long (and torchrun's 8 processes as 2), or skipped with the reason
 (a download from the internet, a second machine, a nanoGPT checkout). The slow test runs them
@@ -18,7 +18,8 @@ import pytest
 from trainutil import REPO, SHAKESPEARE, child_env
 
 README = os.path.join(REPO, "README.md")
-DOCS = [os.path.join(REPO, "docs", name) for name in ("nanogpt.md", "evaluation.md")]  # run after the README's, in this order
+DOCS = [os.path.join(REPO, "docs", name)  # run after the README's, in this order
+        for name in ("nanogpt.md", "evaluation.md", "cpu_speed.md", "gpu.md", "reliability.md")]
 COMMAND = re.compile(r"^    (python|torchrun|pip|bash|hf |NANO|cd )")
 # appended to every train.py run: a tiny model, two iterations, and a fresh start in an out_dir
 # that an earlier command of the README already trained into
@@ -27,9 +28,10 @@ TINY_TRAIN = ("--device=cpu --compile=False --n_layer=1 --n_head=2 --n_kv_head=0
               "--eval_iters=1 --warmup_iters=1 --lr_decay_iters=2 --overwrite=True")
 TINY_SAMPLE = "--device=cpu --max_new_tokens=8"
 TINY_EVALUATE = "--device=cpu --eval_iters=1 --max_examples=2"
-TINY_BENCH_SAMPLE = "--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --tokens=40 --repeats=1"
+TINY_BENCH_SAMPLE = ("--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --tokens=40 --repeats=1 "
+                     "--measure_mb=8 --measure_n=128")
 TINY_BENCH_TRAIN = ("--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --batch_size=2 --max_iters=3 "
-                    "--warmup=1 --rounds=1")
+                    "--warmup=1 --rounds=1 --measure_mb=8 --measure_n=128")
 TINY_BENCH_QUALITY = "--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --max_iters=4 --eval_interval=2 --eval_iters=1"
 SKIPS = [  # (a part of the command, why it cannot run here)
     ("python -m pytest", "the test suite itself"), ("bash .ci/run", "the test suite itself"),
