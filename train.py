@@ -17,6 +17,7 @@ import re
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,12 +28,13 @@ from checkpoint import (build_model, check_model_args, claim_out_dir, last_saved
                         resume_training, save_training_state, save_weights, start_over)
 from configurator import (ANY, ConfigError, UserError, at_least, check_settings, configure, in_range,
                           install_error_hook, one_of)
-from dataloader import BatchLoader, check_same_tokenizer, load_meta, open_dataset
+from dataloader import BatchLoader, check_same_tokenizer, data_vocab_size, load_meta, open_dataset
 from evaluate import (TASKS, estimate_loss, eval_tokenizer, format_results, load_tasks, parse_tasks, score_tasks,
                       token_byte_lengths)
 from metrics import MetricsLogger
 from model import CHOICES, GPT, GPTConfig, RECOMPUTE
 from optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
+from sft import ChatBatchLoader, estimate_masked_loss, grow_vocab, open_masks, sft_loss
 from runtime import (StopSignal, autocast_context, derive_grad_accum, init_distributed, keep_freed_memory,
                      peak_flops, peak_gpu_memory_mb, report_dead_ranks, resolve_device, resolve_dtype,
                      set_grad_sync, shard_model, try_compile)
@@ -201,7 +203,7 @@ if __name__ == "__main__":
     data_dir = data_dir or os.path.join("data", dataset)
     ckpt, iter_num, best_val_loss, bad_steps = None, 0, 1e9, 0
     if init_from == "scratch":
-        meta_vocab = load_meta(data_dir).get("vocab_size") if os.path.isdir(data_dir) else None
+        meta_vocab = data_vocab_size(load_meta(data_dir)) if os.path.isdir(data_dir) else None
         model_args = {k: config[k] for k in MODEL_KEYS}
         model_args["vocab_size"] = vocab_size or meta_vocab or 50304
         model = GPT(model_config(model_args, "settings"))
@@ -222,6 +224,9 @@ if __name__ == "__main__":
         model = gpt_from_hf(init_from, dropout=dropout)
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)
+    if init_from not in ("scratch", "resume") and os.path.isdir(data_dir) and grow_vocab(
+            model, data_vocab_size(load_meta(data_dir)) or 0) and master_process:
+        print(f"vocab_size grown to {model.config.vocab_size} for the dataset's chat template's special tokens")
     if block_size != model.config.block_size:
         raise ConfigError(f"block_size={block_size} but the model has block_size {model.config.block_size}")
     model_args = asdict(model.config)
@@ -240,9 +245,10 @@ if __name__ == "__main__":
     splits, meta = open_dataset(data_dir, block_size, model.config.vocab_size)  # meta embeds a bpe/hf tokenizer
     if ckpt is not None:
         check_same_tokenizer(ckpt.get("meta"), meta, resume_path, data_dir)
-    loader = BatchLoader(splits["train"], block_size, batch_size, seed, grad_accum * world_size,
-                         sampling=sampling, device=device, rank_first_index=rank * grad_accum,
-                         rank_num_micro=grad_accum)
+    masks = open_masks(data_dir, meta, splits)  # a chat data dir: the loss only on assistant tokens
+    loader = (BatchLoader if masks is None else partial(ChatBatchLoader, masks["train"]))(
+        splits["train"], block_size, batch_size, seed, grad_accum * world_size, sampling=sampling, device=device,
+        rank_first_index=rank * grad_accum, rank_num_micro=grad_accum)
 
     # -------------------------------------------------------------------------
     # optimizer and GradScaler (only fp16 needs loss scaling)
@@ -299,8 +305,10 @@ if __name__ == "__main__":
         tasks_due = bool(tasks) and (iter_num % (eval_tasks_interval or eval_interval) == 0
                                      or iter_num == max_iters or eval_only)
         if eval_due or tasks_due:
-            results = estimate_loss(eval_model, splits, block_size, batch_size, eval_iters, ctx, device,
-                                    rank, world_size, token_bytes) if eval_due else {}
+            results = ({} if not eval_due else estimate_loss(
+                eval_model, splits, block_size, batch_size, eval_iters, ctx, device, rank, world_size,
+                token_bytes) if masks is None else estimate_masked_loss(
+                eval_model, splits, masks, block_size, batch_size, eval_iters, ctx, device, rank, world_size))
             if tasks_due:
                 results.update(score_tasks(tasks, eval_model, batch_size, ctx, device, rank, world_size))
             if master_process:
@@ -334,7 +342,7 @@ if __name__ == "__main__":
             set_grad_sync(model, micro_step == grad_accum - 1)
             x, y = loader.get(iter_num, rank * grad_accum + micro_step)
             with ctx:
-                _, loss = model(x, y)
+                _, loss = model(x, y) if masks is None else (None, sft_loss(model, x, y, loader.loss_scale(iter_num)))
             loss_sum += loss.detach().float()
             scaler.scale(loss / grad_accum).backward()
 
