@@ -50,7 +50,11 @@ def load(out_dir, ckpt="auto", hf=""):
         ckpt = best if os.path.exists(best) else os.path.join(out_dir, "ckpt.pt")
     checkpoint = load_checkpoint(ckpt)
     chat = chat_from_meta(checkpoint.get("meta") or {}, source=ckpt)
-    return build_model(checkpoint, ckpt), chat, ckpt
+    model = build_model(checkpoint, ckpt)
+    if hasattr(model, "lora"):  # decode steps read plain weights: fold the adapters in
+        from lora import merge
+        merge(model)
+    return model, chat, ckpt
 
 
 class Conversation:

@@ -18,6 +18,7 @@ name, never dropped.
 import json
 import os
 import sys
+from dataclasses import asdict
 
 import torch
 
@@ -445,12 +446,16 @@ def export_gpt2(model, out_dir, source):
     hf_model.save_pretrained(out_dir)  # safetensors, with the tied head stored once
 
 
-def export_hf(ckpt_path, out_dir):
+def export_hf(ckpt_path, out_dir, adapter_dir=None):
     """Export one of our checkpoints with its tokenizer: the HF or bpe tokenizer its data was
-    encoded with, or GPT-2's files when its data was GPT-2 BPE. Returns (model, what tokenizer
-    was written: 'hf', 'bpe', 'gpt2' or None)."""
+    encoded with, or GPT-2's files when its data was GPT-2 BPE, and the chat template of chat
+    data. A LoRA checkpoint is merged; with adapter_dir its adapter is also written there for
+    peft, with the unmerged base as an HF model in adapter_dir/base. Returns (model, what
+    tokenizer was written: 'hf', 'bpe', 'gpt2' or None)."""
     ckpt = load_checkpoint(ckpt_path)
     model = build_model(ckpt, ckpt_path)
+    if adapter_dir and not hasattr(model, "lora"):
+        raise HFError(f"{ckpt_path} was not trained with LoRA (lora_rank=0): it has no adapter to export")
     meta = ckpt.get("meta") or {}
     tokenizer, kind = checkpoint_tokenizer_files(meta), meta.get("encoding")
     from_gpt2 = str((ckpt.get("config") or {}).get("init_from", "")).startswith("gpt2")
@@ -458,8 +463,42 @@ def export_hf(ckpt_path, out_dir):
         tokenizer, kind = "gpt2", "gpt2"
     if tokenizer == "gpt2":
         read_gpt2_tokenizer_files()  # fail before writing anything
+    if adapter_dir:
+        import lora
+        base = GPT(GPTConfig(**asdict(model.config)))
+        base.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))})
+        export_model(base, os.path.join(adapter_dir, "base"), tokenizer, source=ckpt_path)
+        export_chat_template(os.path.join(adapter_dir, "base"), meta, tokenizer)
+        lora.export_adapter(model, adapter_dir, os.path.join(adapter_dir, "base"))
+    if hasattr(model, "lora"):
+        from lora import merge
+        merge(model)
     export_model(model, out_dir, tokenizer, source=ckpt_path)
+    export_chat_template(out_dir, meta, tokenizer)
     return model, kind if tokenizer else None
+
+
+def export_chat_template(out_dir, meta, tokenizer):
+    """Give the exported tokenizer the chat template of the checkpoint's chat data: an HF
+    template as it was, our default one with its special tokens added (GPT-2 and bpe: they
+    take the ids after the vocabulary, the ids training used)."""
+    chat = meta.get("chat")
+    if not chat or tokenizer is None:
+        return
+    from transformers import AutoTokenizer
+
+    from chat_template import DEFAULT_JINJA, SPECIALS
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    if chat["template"] == "hf":
+        tok.chat_template = chat["chat_template"]
+    else:
+        tok.add_special_tokens({"additional_special_tokens": SPECIALS})
+        ids = tok.convert_tokens_to_ids(SPECIALS)
+        if ids != [chat["special_tokens"][s] for s in SPECIALS]:
+            raise HFError(f"the exported tokenizer gives the chat template's tokens ids {ids}, training used "
+                          f"{list(chat['special_tokens'].values())}")
+        tok.chat_template = DEFAULT_JINJA
+    tok.save_pretrained(out_dir)
 
 
 def main(argv):
@@ -467,8 +506,10 @@ def main(argv):
                                         "Llama or Qwen3, by its architecture).")
     parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to export")
     parser.add_argument("--out", default="out/hf", help="directory to write (config.json, model.safetensors)")
+    parser.add_argument("--adapter", default=None, help="LoRA checkpoints: also write the peft adapter here "
+                                                         "(and the unmerged base model in ADAPTER/base)")
     args = parser.parse_args(argv)
-    model, tokenizer = export_hf(args.ckpt, args.out)
+    model, tokenizer = export_hf(args.ckpt, args.out, args.adapter)
     n = sum(p.numel() for p in model.parameters())
     with open(os.path.join(args.out, "config.json")) as f:
         arch = json.load(f)["architectures"][0]

@@ -90,7 +90,11 @@ def load_model(init_from, out_dir, ckpt):
     if init_from == "resume":
         path = checkpoint_path(out_dir, ckpt)
         checkpoint = load_checkpoint(path)
-        return build_model(checkpoint, path), checkpoint_tokenizer(checkpoint), path
+        model = build_model(checkpoint, path)
+        if hasattr(model, "lora"):  # decode steps read plain weights: fold the adapters in
+            from lora import merge
+            merge(model)
+        return model, checkpoint_tokenizer(checkpoint), path
     return gpt_from_hf(init_from), hf_tokenizer(init_from), init_from
 
 

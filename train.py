@@ -34,6 +34,8 @@ from evaluate import (TASKS, estimate_loss, eval_tokenizer, format_results, load
 from metrics import MetricsLogger
 from model import CHOICES, GPT, GPTConfig, RECOMPUTE
 from optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
+from lora import TARGETS as LORA_TARGETS
+from lora import add_lora, base_fingerprint
 from sft import ChatBatchLoader, estimate_masked_loss, grow_vocab, open_masks, sft_loss
 from runtime import (StopSignal, autocast_context, derive_grad_accum, init_distributed, keep_freed_memory,
                      peak_flops, peak_gpu_memory_mb, report_dead_ranks, resolve_device, resolve_dtype,
@@ -109,6 +111,11 @@ fsdp = False  # shard weights, gradients and optimizer state with FSDP2 instead 
 device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA if supported, else fp16; fp32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = "auto"  # torch.compile the model; 'auto' = on CUDA only
+# LoRA (lora.py): low-rank adapters on a frozen pretrained model (init_from an HF dir or gpt2*)
+lora_rank = 0  # adapter rank r; 0 = off (full fine-tuning)
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
 activation_checkpointing = "none"  # recompute activations in backward to save memory: 'none', 'block', 'attn' or 'mlp'
 seed = 1337  # seeds the data order and every RNG
 # -----------------------------------------------------------------------------
@@ -137,7 +144,9 @@ RULES = dict(
     decay_lr=ANY, lr_schedule=one_of("cosine", "wsd", "linear", "constant"), warmup_iters=NON_NEGATIVE,
     lr_decay_iters=NON_NEGATIVE, min_lr=NON_NEGATIVE,
     decay_frac=(lambda v: 0 < v <= 1, "in (0, 1]: the fraction of post-warmup steps that decay"),
-    activation_checkpointing=one_of(*RECOMPUTE),
+    activation_checkpointing=one_of(*RECOMPUTE), lora_rank=NON_NEGATIVE, lora_alpha=(lambda v: v > 0, "> 0"),
+    lora_dropout=FRACTION, lora_targets=(lambda v: set(v.split(",")) <= set(LORA_TARGETS), f"a comma-separated "
+                                         f"subset of {','.join(LORA_TARGETS)}"),
     backend=one_of("auto", "nccl", "gloo"), ddp_timeout=POSITIVE, fsdp=ANY,
     device=(lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
             "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
@@ -178,6 +187,8 @@ if __name__ == "__main__":
     torch.backends.cudnn.allow_tf32 = True
     if fsdp and not ddp:
         raise ConfigError("fsdp=True needs torchrun (e.g. torchrun --nproc_per_node=2 train.py ...)")
+    if fsdp and lora_rank:
+        raise ConfigError("lora_rank > 0 is not supported with fsdp; use DDP (fsdp=False)")
     if fsdp and optimizer == "muon":
         raise ConfigError("optimizer='muon' needs whole weight matrices; use it without fsdp")
     grad_accum = derive_grad_accum(gradient_accumulation_steps, total_batch_size, batch_size,
@@ -229,6 +240,16 @@ if __name__ == "__main__":
         print(f"vocab_size grown to {model.config.vocab_size} for the dataset's chat template's special tokens")
     if block_size != model.config.block_size:
         raise ConfigError(f"block_size={block_size} but the model has block_size {model.config.block_size}")
+    lora_info = ckpt.get("lora") if ckpt is not None else None
+    if lora_rank and init_from == "scratch":
+        raise ConfigError("lora_rank > 0 adapts a pretrained model: set init_from to an HF dir or gpt2*")
+    if lora_rank and init_from not in ("scratch", "resume"):
+        add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)  # the base frozen
+        lora_info = {**model.lora, "base": os.path.abspath(init_from) if os.path.isdir(init_from) else init_from,
+                     "base_fingerprint": base_fingerprint(model)}
+    elif ckpt is not None and (lora_info or {}).get("rank", 0) != lora_rank and "lora_rank" in explicit:
+        raise ConfigError(f"lora_rank={lora_rank} but {resume_path} was trained with lora_rank="
+                          f"{(lora_info or {}).get('rank', 0)}; drop the setting to resume")
     model_args = asdict(model.config)
     model.set_recompute(activation_checkpointing)
     model.to(device)
@@ -284,7 +305,7 @@ if __name__ == "__main__":
     logger = MetricsLogger(out_dir, iter_num, config, wandb_log, wandb_project, wandb_run_name,
                            tensorboard_log) if master_process else None
 
-    run_info = dict(model_args=model_args, config=config, meta=meta)  # in every checkpoint of this run
+    run_info = dict(model_args=model_args, config=config, meta=meta, lora=lora_info)  # in every checkpoint of this run
 
     # -------------------------------------------------------------------------
     # training loop
