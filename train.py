@@ -70,6 +70,7 @@ gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, summed ov
 total_batch_size = 0  # tokens per optimizer step; when set, gradient_accumulation_steps is derived
 batch_size = 12  # sequences per micro-step per rank
 block_size = 1024  # context length in tokens
+loss_mask = True  # chat data (data/chat/prepare.py): loss only on the assistant's tokens; False = on every token
 sampling = "random"  # 'random' windows (nanoGPT) or 'epoch' (each window once per epoch)
 # model (see model.GPTConfig)
 n_layer = 12  # transformer blocks
@@ -133,7 +134,7 @@ RULES = dict(
     tensorboard_log=ANY, overwrite=ANY, max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
     dataset=(lambda v: v != "", "a directory name under data/"), data_dir=ANY,
     gradient_accumulation_steps=POSITIVE, total_batch_size=NON_NEGATIVE, batch_size=POSITIVE,
-    block_size=POSITIVE, sampling=one_of("random", "epoch"),
+    block_size=POSITIVE, sampling=one_of("random", "epoch"), loss_mask=ANY,
     n_layer=POSITIVE, n_head=POSITIVE, n_embd=POSITIVE, dropout=FRACTION, bias=ANY, vocab_size=NON_NEGATIVE,
     n_kv_head=NON_NEGATIVE, pos_emb=one_of(*CHOICES["pos_emb"]), rope_theta=(lambda v: v > 0, "> 0"),
     norm=one_of(*CHOICES["norm"]), mlp=one_of(*CHOICES["mlp"]), multiple_of=POSITIVE, qk_norm=ANY,
@@ -266,7 +267,7 @@ if __name__ == "__main__":
     splits, meta = open_dataset(data_dir, block_size, model.config.vocab_size)  # meta embeds a bpe/hf tokenizer
     if ckpt is not None:
         check_same_tokenizer(ckpt.get("meta"), meta, resume_path, data_dir)
-    masks = open_masks(data_dir, meta, splits)  # a chat data dir: the loss only on assistant tokens
+    masks = open_masks(data_dir, meta, splits) if loss_mask else None  # a chat data dir: the loss only on assistant tokens
     loader = (BatchLoader if masks is None else partial(ChatBatchLoader, masks["train"]))(
         splits["train"], block_size, batch_size, seed, grad_accum * world_size, sampling=sampling, device=device,
         rank_first_index=rank * grad_accum, rank_num_micro=grad_accum)

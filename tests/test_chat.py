@@ -279,3 +279,118 @@ def test_chat_cli_one_turn_and_no_template_error(tmp_path):
     p = subprocess.run([sys.executable, "chat.py", f"--hf={tmp_path / 'm'}", "--prompt=hello"], cwd=REPO,
                        env=child_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "has no chat_template" in one_error_line(p.stderr), p.stderr
+
+
+# -----------------------------------------------------------------------------
+# a skill the base model lacks, learned by SFT; what the mask changes
+
+def exact_match(out_dir, words):
+    model, chat, _ = load(out_dir)
+    model.eval()
+    replies = [chat.decode(list(Conversation(model, chat).reply(f"reverse {w}", 8))) for w in words]
+    return sum(r == w[::-1] for r, w in zip(replies, words)) / len(words)
+
+
+def non_assistant_loss(out_dir, data_dir):
+    """Nats per token of val's targets that are not the assistant's (the user's side)."""
+    model, _, _ = load(out_dir)
+    ids, mask, _ = read_split(data_dir, "val")
+    T = model.config.block_size
+    n = (len(ids) - 1) // T * T
+    x = torch.from_numpy(ids[:n].astype(np.int64)).view(-1, T)
+    y = torch.from_numpy(ids[1:n + 1].astype(np.int64)).view(-1, T)
+    y[torch.from_numpy(mask[1:n + 1].copy()).view(-1, T) == 1] = -1
+    with torch.no_grad():
+        logits, _ = model.eval()(x, all_logits=True)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1).item()
+
+
+@pytest.mark.slow
+def test_sft_learns_a_skill_the_mask_matters(tmp_path):
+    """config/sft_reverse_char.py on data/chat/synthetic.py's conversations: >= 90% exact replies
+    on 200 held-out words. Without the mask the model also learns the user's side of the
+    conversations (its loss there falls far below the masked model's, which never trained on
+    it), with the same model and steps."""
+    subprocess.run([sys.executable, "data/chat/synthetic.py", f"--out={tmp_path / 'c.jsonl'}",
+                    f"--held_out={tmp_path / 'held.json'}"], cwd=REPO, check=True, capture_output=True)
+    prepare(f"--input={tmp_path / 'c.jsonl'}", "--encoding=char", f"--out_dir={tmp_path / 'd'}")
+    from trainutil import TINY
+    drop = {k: None for k in TINY}
+    words = json.load(open(tmp_path / "held.json"))
+    results = {}
+    for mask in (True, False):
+        out = str(tmp_path / f"out-{mask}")
+        run_train(out, str(tmp_path / "d"), "config/sft_reverse_char.py", timeout=900,
+                  **{**drop, "out_dir": out, "data_dir": str(tmp_path / "d"), "loss_mask": mask})
+        results[mask] = exact_match(out, words), non_assistant_loss(out, str(tmp_path / "d"))
+    print(f"exact match / user-side loss: masked {results[True]}, unmasked {results[False]}")
+    assert results[True][0] >= 0.9
+    assert results[True][1] > results[False][1] + 1.0
+
+
+# -----------------------------------------------------------------------------
+# docs/chat.md's commands, in order, in a scratch copy of the repository
+
+DOCS = os.path.join(REPO, "docs", "chat.md")
+
+
+def doc_commands():
+    from test_readme import COMMAND
+    lines = open(DOCS).read().splitlines()
+    return [line.strip() for line in lines if COMMAND.match(line)]
+
+
+@pytest.mark.slow
+def test_docs_chat_commands(tmp_path):
+    import shutil
+
+    from test_readme import plan
+    commands = doc_commands()
+    assert any("chat.py" in c for c in commands) and any("prepare.py" in c for c in commands)
+    root = str(tmp_path / "repo")
+    shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(".git", "out*", "*.bin", "__pycache__", ".pytest_cache"))
+    ran = []
+    for command in commands:
+        if "path/to/hf_model" in command or "bench.py --lora" in command:
+            continue  # an HF model of the user's (tests/test_lora.py trains imported ones); a 0.44B measurement
+        for kind, what in plan(command):
+            if kind != "run":
+                continue
+            if "chat.py" in what:
+                what += " --device=cpu --max_new_tokens=8"
+            p = subprocess.run(what, shell=True, cwd=root, env=child_env(), capture_output=True, text=True,
+                               timeout=600)
+            assert p.returncode == 0, f"{what}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+            ran.append(what)
+    assert len(ran) >= 5, ran
+
+
+@pytest.mark.slow
+def test_exported_default_template_generates_as_chat_py(tmp_path):
+    """Our default template on GPT-2's tokenizer: a checkpoint trained on it, exported with hf.py,
+    gives with transformers' apply_chat_template + generate the replies and logits chat.py gives."""
+    from trainutil import TINY, need_tiktoken
+    need_tiktoken("gpt2")
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}] * 40)
+    prepare(f"--input={src}", "--encoding=gpt2", f"--out_dir={tmp_path / 'd'}", "--val_fraction=0.25")
+    out = str(tmp_path / "out")
+    run_train(out, str(tmp_path / "d"), **{**TINY, "block_size": 64, "max_iters": 2, "learning_rate": 0.1})
+    p = subprocess.run([sys.executable, "hf.py", f"--ckpt={out}/ckpt.pt", f"--out={tmp_path / 'hf'}"], cwd=REPO,
+                       env=child_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    model, chat, _ = load(out)
+    conv, messages = Conversation(model.eval(), chat), []
+    for text in ("hello", "say again"):
+        messages.append({"role": "user", "content": text})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert ids == chat.encode(messages, add_generation_prompt=True)[0]
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                                    eos_token_id=sorted(chat.end_ids), pad_token_id=0)[0, len(ids):].tolist()
+            torch.testing.assert_close(model(torch.tensor([ids]), all_logits=True)[0][0],
+                                       hf_model(torch.tensor([ids])).logits[0], atol=1e-4, rtol=1e-4)
+        ours = list(conv.reply(text, 10))
+        assert ours == [t for t in ref if t not in chat.end_ids]
+        messages.append({"role": "assistant", "content": chat.decode(ours)})
