@@ -394,3 +394,19 @@ def test_exported_default_template_generates_as_chat_py(tmp_path):
         ours = list(conv.reply(text, 10))
         assert ours == [t for t in ref if t not in chat.end_ids]
         messages.append({"role": "assistant", "content": chat.decode(ours)})
+
+
+@pytest.mark.slow
+def test_sft_loss_is_world_size_invariant(tmp_path, chat_data):
+    """The same global micro-batches on 1 rank x 2 micro-steps and on 2 ranks x 1: the same
+    losses and weights up to float summation order."""
+    from trainutil import run_torchrun
+    settings = {**SFT, "dropout": 0.0}
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_train(one, chat_data, max_iters=6, **settings)
+    run_torchrun(2, two, chat_data, max_iters=6, **settings)
+    a, b = step_losses(read_metrics(one)), step_losses(read_metrics(two))
+    assert sorted(a) == sorted(b) == list(range(6))
+    np.testing.assert_allclose([a[i] for i in range(6)], [b[i] for i in range(6)], rtol=1e-5)
+    for k, t in load_ckpt(one)["model"].items():
+        torch.testing.assert_close(t, load_ckpt(two)["model"][k], atol=1e-5, rtol=1e-4)
