@@ -321,7 +321,7 @@ def test_sft_learns_a_skill_the_mask_matters(tmp_path):
     for mask in (True, False):
         out = str(tmp_path / f"out-{mask}")
         run_train(out, str(tmp_path / "d"), "config/sft_reverse_char.py", timeout=900,
-                  **{**drop, "out_dir": out, "data_dir": str(tmp_path / "d"), "loss_mask": mask})
+                  **{**drop, "loss_mask": mask})
         results[mask] = exact_match(out, words), non_assistant_loss(out, str(tmp_path / "d"))
     print(f"exact match / user-side loss: masked {results[True]}, unmasked {results[False]}")
     assert results[True][0] >= 0.9
