@@ -17,13 +17,13 @@ n_layer = 2
 n_head = 4
 n_embd = 64
 dropout = 0.0
-block_size = 32  # a conversation is 13 to 17 tokens
+block_size = 32  # a conversation is 13 to 15 tokens
 batch_size = 32
 gradient_accumulation_steps = 1
 
 learning_rate = 3e-3
-max_iters = 1500
-lr_decay_iters = 1500
+max_iters = 2000
+lr_decay_iters = 2000
 min_lr = 3e-4
 warmup_iters = 50
 weight_decay = 0.0

@@ -1,6 +1,6 @@
 """
 A synthetic conversation skill for trying supervised fine-tuning end to end (docs/chat.md):
-"reverse <word>" -> the word reversed, for random lowercase words of 3 to 5 letters. Writes
+"reverse <word>" -> the word reversed, for random lowercase words of 3 or 4 letters. Writes
 --out (train conversations, in the OpenAI/HF `messages` layout) and --held_out (words never
 in --out, for measuring exact-match replies).
 
@@ -27,7 +27,7 @@ def main(argv=None):
     rng = random.Random(args.seed)
     words = set()
     while len(words) < args.count + args.held_out_count:
-        words.add("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5))))
+        words.add("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 4))))
     words = sorted(words)
     rng.shuffle(words)
     held, train = words[:args.held_out_count], words[args.held_out_count:]
