@@ -132,8 +132,8 @@ def run_command(argv, env=None, echo=False, shell=False, stamps=None):
         lines.append(line)
         if stamps is not None:
             stamps.append((time.perf_counter() - t0, line))
-        if echo:
-            print(line, end="", flush=True)
+        if echo:  # timed runs show when each line came, so a cut-off run still tells its times
+            print(f"[{time.perf_counter() - t0:7.1f}s] " * (stamps is not None) + line, end="", flush=True)
     proc.stdout.close()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap it again
@@ -219,7 +219,7 @@ def bench_ours(setting, common, args):
         rc, output, maxrss, seen, wall = run_command(argv, {**os.environ, **env}, args.verbose)
         if rc != 0:
             fail(rc, argv, output)
-        from metrics import read_metrics
+        from gpt_trainer.metrics import read_metrics
         records = read_metrics(out_dir) or log_records(output)
     result = summarize(records, args.warmup, maxrss, seen, wall)
     result["command"] = " ".join(f"{k}={v}" for k, v in env.items()) + " " * bool(env) + shlex.join(argv)
@@ -335,33 +335,43 @@ def eval_times(stamps):
     return evals
 
 
-def bench_to_val(setting, common, args):
-    """One complete train.py run of a setting, timed from launch (imports and data included)."""
+def bench_to_val(setting, common, args, command=None):
+    """One complete train.py run of a setting, or a shell `command` printing nanoGPT's `step N:
+    train loss X, val loss Y` lines, timed from launch (imports, data and compilation
+    included: each run compiles from an empty torch.compile cache, as on a fresh machine)."""
     with tempfile.TemporaryDirectory(prefix="bench-") as out_dir:
-        env, argv = train_argv(setting, common, out_dir, args.nproc,
-                               forced=["--init_from=scratch", "--wandb_log=False"])
+        env, argv = {}, command
+        if not command:
+            env, argv = train_argv(setting, common, out_dir, args.nproc,
+                                   forced=["--init_from=scratch", "--wandb_log=False"])
         stamps = []
-        env = {**env, "PYTHONUNBUFFERED": "1"}  # lines must arrive when printed to be timed
-        rc, output, _, _, wall = run_command(argv, {**os.environ, **env}, args.verbose, stamps=stamps)
+        env = {**env, "PYTHONUNBUFFERED": "1",  # lines must arrive when printed to be timed
+               "TORCHINDUCTOR_CACHE_DIR": os.path.join(out_dir, "inductor"),
+               "TRITON_CACHE_DIR": os.path.join(out_dir, "triton")}
+        rc, output, _, _, wall = run_command(argv, {**os.environ, **env}, args.verbose, stamps=stamps,
+                                             shell=bool(command))
         if rc != 0:
             fail(rc, argv, output)
+    shown = command or shlex.join(argv)
     evals = eval_times(stamps)
     if not evals:
-        raise UserError(f"no `step N: ... val loss X` line from {shlex.join(argv)}")
+        raise UserError(f"no `step N: ... val loss X` line from {shown}")
     best = min(evals, key=lambda e: e[2])
     target = next((e for e in evals if e[2] <= args.target), None) if args.target else None
-    return {"command": shlex.join(argv), "wall_s": wall, "evals": evals, "best_val_loss": best[2],
+    return {"command": shown, "wall_s": wall, "evals": evals, "best_val_loss": best[2],
             "best_iter": best[1], "s_to_best": best[0], "s_to_target": target and target[0],
             "target_iter": target and target[1]}
 
 
 def bench_quality(settings, common, args):
     """A B A B ...: wall time from launch to each run's best val loss and to --target. The
-    ratio printed is B's time to the target over A's time to its own best."""
+    ratio printed is B's time to the target over A's time to its own best; with --compare-cmd
+    (B a command such as nanoGPT's) also A's time to the target over B's."""
     runs = {label: [] for label in ("A", "B")}
     for i in range(args.rounds or 1):
         for label, setting in zip(runs, settings):
-            run = bench_to_val(setting, common, args)
+            command = args.compare_cmd if label == "B" and args.compare_cmd else None
+            run = bench_to_val(setting, common, args, command)
             runs[label].append(run)
             print(f"round {i + 1} {label}: best val {run['best_val_loss']:.4f} at iter {run['best_iter']} "
                   f"after {run['s_to_best']:.1f} s; <= {args.target}: "
@@ -371,16 +381,22 @@ def bench_quality(settings, common, args):
     ratios = [b["s_to_target"] / a["s_to_best"] if b["s_to_target"] else None
               for a, b in zip(runs["A"], runs["B"])]
     print(f"B's seconds to val <= {args.target} / A's seconds to its best val: {fmt_spread(ratios, '.3f')}")
-    return {"mode": "quality", "target": args.target, "A": runs["A"], "B": runs["B"], "ratios": ratios}
+    report = {"mode": "quality", "target": args.target, "A": runs["A"], "B": runs["B"], "ratios": ratios}
+    if args.compare_cmd:  # A is ours, B the reference: A's time to the target over B's (or B's best)
+        report["a_over_b"] = [a["s_to_target"] / (b["s_to_target"] or b["s_to_best"]) if a["s_to_target"]
+                              else None for a, b in zip(runs["A"], runs["B"])]
+        print(f"A's seconds to val <= {args.target} / B's (B's to its best where it never got there): "
+              f"{fmt_spread(report['a_over_b'], '.3f')}")
+    return report
 
 
 # -----------------------------------------------------------------------------
 # sampling: KV cache against full recomputation, and against nanoGPT's generate
 
-def sample_cases(block_size, tokens, nanogpt):
-    """(name, model, new tokens, use_cache, window), from a 1-token prompt: the context filled
-    with and without the cache; a run past block_size in every window mode and uncached, with
-    learned positions and with RoPE; nanoGPT's generate on the same weights."""
+def sample_cases(block_size, tokens, nanogpt, device="cpu"):
+    """(name, model, new tokens, use_cache, window[, cuda_graphs]), from a 1-token prompt: the
+    context filled with and without the cache; a run past block_size in every window mode and
+    uncached, with learned positions and with RoPE; nanoGPT's generate on the same weights."""
     short = block_size - 1
     cases = [(f"{short} new, KV cache", "gpt", short, True, "exact"),
              (f"{short} new, no cache", "gpt", short, False, "exact"),
@@ -392,14 +408,23 @@ def sample_cases(block_size, tokens, nanogpt):
     if nanogpt:
         cases += [(f"{short} new, nanoGPT", "nanogpt", short, False, None),
                   (f"{tokens} new, nanoGPT", "nanogpt", tokens, False, None)]
+    if device.startswith("cuda"):  # the cached steps without CUDA graphs, and compiled into them
+        cases += [(f"{tokens} new, cache exact, no graphs", "gpt", tokens, True, "exact", False),
+                  (f"{tokens} new, cache exact, compiled graphs", "gpt", tokens, True, "exact", "compile")]
     return cases
 
 
-# (faster, slower) case indices whose tokens/s ratio is reported; those with nanoGPT need --nanogpt
-SPEEDUPS = {"cache_vs_none_short": (0, 1), "exact_vs_none_long": (2, 4),
-            "chunked_vs_none_long": (3, 4), "rope_sliding_vs_none_long": (5, 6),
-            "cache_vs_nanogpt_short": (0, 7), "rope_sliding_vs_nanogpt_long": (5, 8),
-            "chunked_vs_nanogpt_long": (3, 8)}
+# (faster, slower) cases, as named by sample_cases, whose tokens/s ratio is reported when both ran
+SPEEDUPS = {"cache_vs_none_short": ("{short} new, KV cache", "{short} new, no cache"),
+            "exact_vs_none_long": ("{long} new, cache exact", "{long} new, no cache"),
+            "chunked_vs_none_long": ("{long} new, cache chunked", "{long} new, no cache"),
+            "rope_sliding_vs_none_long": ("{long} new, RoPE, cache sliding", "{long} new, RoPE, no cache"),
+            "cache_vs_nanogpt_short": ("{short} new, KV cache", "{short} new, nanoGPT"),
+            "rope_sliding_vs_nanogpt_long": ("{long} new, RoPE, cache sliding", "{long} new, nanoGPT"),
+            "chunked_vs_nanogpt_long": ("{long} new, cache chunked", "{long} new, nanoGPT"),
+            "exact_vs_nanogpt_long": ("{long} new, cache exact", "{long} new, nanoGPT"),
+            "graphs_vs_eager_long": ("{long} new, cache exact", "{long} new, cache exact, no graphs"),
+            "compiled_graphs_vs_nanogpt_long": ("{long} new, cache exact, compiled graphs", "{long} new, nanoGPT")}
 TOKEN_CHECKS = ((0, 1), (2, 4), (5, 6))  # (cached, uncached): the same tokens
 
 
@@ -446,18 +471,27 @@ def nanogpt_model(checkout, ours):
     return model.eval()
 
 
-def time_generate(model, prompt, case, args, seed):
-    """(seconds, tokens) of one generation, sampled with a generator seeded by `seed`."""
+def time_generate(model, prompt, case, args, seed, autocast=True):
+    """(seconds, tokens) of one generation, sampled with a generator seeded by `seed`, under
+    --dtype's autocast (sample.py's) unless autocast=False."""
     import torch
-    _, kind, n, use_cache, window = case
+    from gpt_trainer.generate import generate
+    from gpt_trainer.runtime import autocast_context
+    _, kind, n, use_cache, window, *graphs = case
+    device = prompt.device
+    ctx = autocast_context(device.type, args.dtype if autocast else "float32")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
-    if kind == "nanogpt":  # its generate draws from the global RNG
-        torch.manual_seed(seed)
-        out = model.generate(prompt, n, temperature=args.temperature, top_k=args.top_k or None)
-    else:
-        out = model.generate(prompt, n, temperature=args.temperature, top_k=args.top_k or None,
-                             generator=torch.Generator().manual_seed(seed), use_cache=use_cache,
-                             window=window)
+    with ctx:
+        if kind == "nanogpt":  # its generate draws from the global RNG
+            torch.manual_seed(seed)
+            out = model.generate(prompt, n, temperature=args.temperature, top_k=args.top_k or None)
+        else:
+            out = generate(model, prompt, n, temperature=args.temperature, top_k=args.top_k or None,
+                           generator=torch.Generator(device).manual_seed(seed), use_cache=use_cache,
+                           window=window, cuda_graphs=graphs[0] if graphs else True)
+    out = out.cpu()  # waits for the device
     return time.perf_counter() - t0, out
 
 
@@ -472,14 +506,15 @@ def check_tokens(models, prompt, cases, outputs, args):
     can make them differ."""
     import copy
     checks = []
-    for cached, uncached in TOKEN_CHECKS:
+    graph_cases = [(i, 4) for i, c in enumerate(cases) if len(c) > 5]  # CUDA: with/without graphs
+    for cached, uncached in [*TOKEN_CHECKS, *graph_cases]:
         where = first_difference(outputs[cached], outputs[uncached])
         check = {"cached": cases[cached][0], "uncached": cases[uncached][0],
                  "fp32_first_difference": where, "fp64_first_difference": None}
         if where is not None:
             double = copy.deepcopy(models[cases[cached][1]]).double()
-            a = time_generate(double, prompt, cases[cached], args, args.seed)[1]
-            b = time_generate(double, prompt, cases[uncached], args, args.seed)[1]
+            a = time_generate(double, prompt, cases[cached], args, args.seed, autocast=False)[1]
+            b = time_generate(double, prompt, cases[uncached], args, args.seed, autocast=False)[1]
             check["fp64_first_difference"] = first_difference(a, b)
         check["ok"] = check["fp64_first_difference"] is None
         checks.append(check)
@@ -541,9 +576,13 @@ def bench_sample(overrides, args):
     import torch
     if args.nanogpt and not args.temperature:
         raise UserError("--nanogpt needs --temperature > 0 (nanoGPT's generate divides by it)")
-    models = sample_models(overrides, args.seed, args.nanogpt)
-    cases = sample_cases(models["gpt"].config.block_size, args.tokens, args.nanogpt)
-    prompt = torch.zeros((args.num_samples, 1), dtype=torch.long)
+    from gpt_trainer.runtime import resolve_device, resolve_dtype
+    device = resolve_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, device.split(":")[0])
+    torch.backends.cuda.matmul.allow_tf32 = True  # as sample.py
+    models = {k: m.to(device) for k, m in sample_models(overrides, args.seed, args.nanogpt).items()}
+    cases = sample_cases(models["gpt"].config.block_size, args.tokens, args.nanogpt, device)
+    prompt = torch.zeros((args.num_samples, 1), dtype=torch.long, device=device)
     if args.profile:
         return profile_case(models, prompt, cases[0], args)
     if args.case is not None:  # one case for a parent bench.py, as JSON on the last line
@@ -569,25 +608,36 @@ def bench_sample(overrides, args):
             "speedups": sample_speedups(cases, times), "token_checks": checks}
 
 
+def speedup_pairs(cases):
+    """{key: (faster case index, slower case index)} of the SPEEDUPS among these cases."""
+    short, long = cases[0][2], cases[2][2]
+    index = {c[0]: i for i, c in enumerate(cases)}
+    pairs = {key: tuple(index.get(name.format(short=short, long=long)) for name in names)
+             for key, names in SPEEDUPS.items()}
+    return {key: pair for key, pair in pairs.items() if None not in pair}
+
+
 def sample_speedups(cases, times):
     """Per-repeat ratios of tokens/s (same repeat, so the same machine noise)."""
     return {key: [a / b for a, b in zip(times[cases[i][0]], times[cases[j][0]])]
-            for key, (i, j) in SPEEDUPS.items() if j < len(cases)}
+            for key, (i, j) in speedup_pairs(cases).items()}
 
 
 def print_sample(model, cases, times, checks, args):
     import torch
     c = model.config
     how = "greedy" if not args.temperature else f"temperature {args.temperature}, top_k {args.top_k}"
+    where = (torch.cuda.get_device_name() if next(model.parameters()).is_cuda
+             else f"{torch.get_num_threads()} threads")
     print(f"sample: GPT {c.n_layer}x{c.n_embd} ({c.n_head} heads), block {c.block_size}, vocab "
-          f"{c.vocab_size}, batch {args.num_samples}, fp32, {how}, {torch.get_num_threads()} threads, "
+          f"{c.vocab_size}, batch {args.num_samples}, {args.dtype}, {how}, {where}, "
           f"{args.repeats} interleaved repeats; medians (min-max)")
     print(f"{'case':<32}{'tokens/s':>26}{'ms/token':>10}")
     for name, *_ in cases:
         mid = statistics.median(times[name])
         print(f"{name:<32}{fmt_spread(times[name], ',.1f'):>26}{1000 * args.num_samples / mid:>10.2f}")
     for key, ratios in sample_speedups(cases, times).items():
-        i, j = SPEEDUPS[key]
+        i, j = speedup_pairs(cases)[key]
         print(f"speedup ({cases[i][0]}) / ({cases[j][0]}): {fmt_spread(ratios, '.2f')}x")
     for check in checks:
         verdict = "equal" if check["fp32_first_difference"] is None else (
@@ -638,6 +688,8 @@ def parse_args(argv):
                    help="--lora: where the random model and its chat data are written (kept for reruns)")
     p.add_argument("--lora_shape", default="28,1024,3072",
                    help="--lora: layers,hidden,intermediate of the Qwen3-shaped model")
+    p.add_argument("--device", default="cpu", help="--sample: where to run ('cuda' for a GPU)")
+    p.add_argument("--dtype", default="float32", help="--sample: autocast dtype, as sample.py's --dtype")
     p.add_argument("--json", help="also write the numbers to this file")
     p.add_argument("--verbose", action="store_true", help="show the training runs' output")
     args, rest = p.parse_known_args(argv)
@@ -704,9 +756,9 @@ def main(argv):
     elif args.lora:
         report = bench_compare(f"--lora_rank={args.lora}", "", lora_common(args) + rest, args)
     elif args.quality:
-        if not args.compare:
-            raise UserError("--quality needs --compare A B (two settings to time)")
-        report = bench_quality(args.compare, rest, args)
+        if not args.compare and not args.compare_cmd:
+            raise UserError("--quality needs --compare A B (two settings to time) or --compare-cmd")
+        report = bench_quality(args.compare or ("", None), rest, args)
     elif args.compare or args.compare_cmd:
         a, b = args.compare or ("", None)
         report = bench_compare(a, b, rest, args)

@@ -10,17 +10,17 @@ cache is kept across turns: a new turn feeds only the tokens the cache does not 
 conversation as the template renders it, after the longest prefix already cached). Lines
 /reset (a new conversation) and /quit are commands; Ctrl-D ends.
 """
-import os
 import sys
 
 import torch
 
-from chat_template import ChatError, HFChat, chat_from_meta, hf_tokenizer_from_dir
-from checkpoint import build_model, load_checkpoint
 from configurator import configure, install_error_hook
-from cpu_kernels import decoding
-from model import KVCache, sample_next
-from runtime import autocast_context, resolve_device, resolve_dtype
+from gpt_trainer.chat_template import ChatError, HFChat, chat_from_meta, hf_tokenizer_from_dir
+from gpt_trainer.checkpoint import inference_path, load_checkpoint
+from gpt_trainer.loading import build_any_model
+from gpt_trainer.cpu_kernels import decoding
+from gpt_trainer.generate import KVCache, decode, decode_params, sample_next
+from gpt_trainer.runtime import autocast_context, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the checkpoint's directory (ignored with hf)
@@ -42,17 +42,15 @@ SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinsta
 def load(out_dir, ckpt="auto", hf=""):
     """(model, chat template, source) from an HF dir or one of our checkpoints."""
     if hf:
-        from hf import gpt_from_hf
+        from gpt_trainer.hf import gpt_from_hf
         chat = HFChat(hf_tokenizer_from_dir(hf), hf)  # a ChatError before the weights are read
         return gpt_from_hf(hf), chat, hf
-    if ckpt == "auto":
-        best = os.path.join(out_dir, "best.pt")
-        ckpt = best if os.path.exists(best) else os.path.join(out_dir, "ckpt.pt")
+    ckpt = inference_path(out_dir, ckpt)
     checkpoint = load_checkpoint(ckpt)
     chat = chat_from_meta(checkpoint.get("meta") or {}, source=ckpt)
-    model = build_model(checkpoint, ckpt)
+    model = build_any_model(checkpoint, ckpt)
     if hasattr(model, "lora"):  # decode steps read plain weights: fold the adapters in
-        from lora import merge
+        from gpt_trainer.lora import merge
         merge(model)
     return model, chat, ckpt
 
@@ -97,7 +95,7 @@ class Conversation:
     def reply(self, user_text, max_new_tokens):
         """Yield the reply's ids one at a time; the end-of-turn token ends it (not yielded)."""
         self.messages.append({"role": "user", "content": user_text})
-        ids, params, bs = self._prompt_ids(), self.model.decode_params(), self.model.config.block_size
+        ids, params, bs = self._prompt_ids(), decode_params(self.model), self.model.config.block_size
         out = []
         with decoding(self.model.lm_head.weight):
             logits = self._feed(ids)
@@ -110,7 +108,7 @@ class Conversation:
                 yield t
                 if self.cache.pos >= bs:
                     break
-                logits = self.model.decode(token.view(1, 1), self.cache, params)[:, -1]
+                logits = decode(self.model, token.view(1, 1), self.cache, params)[:, -1]
                 self.cached.append(t)
         self.messages.append({"role": "assistant", "content": self.chat.decode(out)})
 

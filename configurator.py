@@ -16,14 +16,7 @@ import os
 import sys
 
 
-class UserError(Exception):
-    """Something the user can fix (a setting, a file, a checkpoint, a dataset): every entry
-    point reports it as one `error: ...` line and exits 1. Every other exception is a bug and
-    keeps its traceback."""
-
-
-class ConfigError(UserError):
-    """A bad config file or override."""
+from gpt_trainer.errors import ConfigError, UserError, install_error_hook  # noqa: F401  (the scripts' errors)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -156,17 +149,3 @@ def check_settings(settings, rules, source_file):
     for key, (ok, expected) in rules.items():
         if not ok(settings[key]):
             raise ConfigError(f"{key}={settings[key]!r} is not valid: it must be {expected}")
-
-
-def install_error_hook():
-    """The one error hook of every entry point: a UserError prints as one line and exits 1;
-    anything else keeps its traceback because it is a bug."""
-    previous = sys.excepthook
-
-    def hook(exc_type, exc, tb):
-        if issubclass(exc_type, UserError):
-            print(f"error: {exc}", file=sys.stderr)
-            sys.stderr.flush()
-        else:
-            previous(exc_type, exc, tb)
-    sys.excepthook = hook

@@ -36,292 +36,31 @@ backend = "auto"  # under torchrun: 'nccl' on CUDA, 'gloo' on CPU
 SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
 import json  # noqa: E402
-import math  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from configurator import ConfigError, configure, install_error_hook  # noqa: E402
-from dataloader import DataError, get_batch  # noqa: E402
-from dataprep import download  # noqa: E402
-from tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, tokenizer_from_meta  # noqa: E402
-
-EVAL_SEED = 0  # eval windows do not depend on the run's seed, so runs with different seeds compare
-HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-
-
-def sum_dtype(device):
-    return torch.float32 if str(device).startswith("mps") else torch.float64  # MPS has no float64
-
-
-# -----------------------------------------------------------------------------
-# bits per byte
-
-def token_byte_lengths(tok, vocab_size=0):
-    """(max(vocab_size, tok.vocab_size),) int64: the UTF-8 bytes each token id decodes to.
-    Special tokens (end-of-text), ids the tokenizer leaves undefined and a model's padding ids
-    count 0 bytes: they are not text, and bits per byte leaves them out."""
-    if isinstance(tok, CharTokenizer):
-        lengths = [len(c.encode("utf-8")) for c in tok.chars]
-    elif isinstance(tok, TiktokenTokenizer):
-        special = {tok.enc.encode_single_token(t) for t in tok.enc.special_tokens_set}
-        lengths = [0 if i in special else _tiktoken_length(tok.enc, i) for i in range(tok.vocab_size)]
-    elif isinstance(tok, BPETokenizer):
-        lengths = _byte_level_lengths(tok.tok)
-    else:
-        raise TypeError(f"no byte lengths for {type(tok).__name__}")
-    return torch.tensor(lengths + [0] * (vocab_size - len(lengths)), dtype=torch.int64)
-
-
-def _tiktoken_length(enc, i):
-    try:
-        return len(enc.decode_single_token_bytes(i))
-    except KeyError:  # e.g. cl100k_base leaves some ids below n_vocab unused
-        return 0
-
-
-def _byte_level_lengths(tk):
-    from tokenizers import pre_tokenizers
-    alphabet = set(pre_tokenizers.ByteLevel.alphabet())  # byte-level BPE: one character per byte
-    added = set(tk.get_added_tokens_decoder())
-    lengths = []
-    for i in range(tk.get_vocab_size()):
-        piece = tk.id_to_token(i)
-        if i in added or piece is None:
-            lengths.append(0)
-        elif set(piece) <= alphabet:
-            lengths.append(len(piece))
-        else:
-            lengths.append(len(tk.decode([i]).encode("utf-8")))
-    return lengths
-
-
-def eval_tokenizer(meta, data_dir, required, quiet=False):
-    """The dataset's tokenizer, for bits per byte and tasks. Without it (e.g. tiktoken's cache
-    missing offline) training goes on without bpb, unless a task needs it."""
-    try:
-        return tokenizer_from_meta(meta, data_dir)
-    except DataError as e:
-        if required:
-            raise
-        if not quiet:
-            print(f"note: no bits per byte ({e})", file=sys.stderr)
-        return None
-
-
-# -----------------------------------------------------------------------------
-# loss and bits per byte over a fixed set of windows
-
-@torch.no_grad()
-def estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, device, rank=0, world_size=1,
-                  token_bytes=None):
-    """{'<split>_loss': nats per token, and with token_bytes '<split>_bpb': bits per byte} over
-    the same eval_iters batches of each split every time. bpb = the nats of the targets that
-    are text / (ln 2 x the UTF-8 bytes they decode to). Batch k runs on rank k % world_size."""
-    out, was_training = {}, model.training
-    model.eval()
-    if token_bytes is not None:
-        token_bytes = token_bytes.to(device)
-    for split, data in splits.items():
-        sums = torch.zeros(eval_iters, 3, dtype=sum_dtype(device), device=device)  # nats, text nats, bytes
-        padded = -(-eval_iters // world_size) * world_size  # FSDP: every rank runs every forward
-        for k in range(rank, padded, world_size):
-            x, y = get_batch(data, block_size, batch_size, EVAL_SEED, k % eval_iters, 0)
-            x, y = x.to(device), y.to(device)
-            with ctx:
-                logits, _ = model(x, y)
-            if k >= eval_iters:
-                continue
-            nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").to(sums.dtype)
-            nbytes = token_bytes[y.flatten()] if token_bytes is not None else torch.ones_like(nats)
-            sums[k] = torch.stack([nats.sum(), (nats * (nbytes > 0)).sum(), nbytes.sum().to(sums.dtype)])
-        if world_size > 1:
-            dist.all_reduce(sums)  # each row is one rank's, the others add zeros: exact
-        nats, text_nats, nbytes = sums.cpu().sum(0).tolist()
-        out[f"{split}_loss"] = nats / (eval_iters * batch_size * block_size)
-        if token_bytes is not None:
-            out[f"{split}_bpb"] = text_nats / nbytes / math.log(2) if nbytes else float("nan")
-    model.train(was_training)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# multiple choice: the ending with the lowest loss is the model's answer
-
-def encode_examples(examples, tok, block_size):
-    """([(label, [(ids, n) per ending])], number left out). ids are the context's tokens, then
-    the ending's (" " + ending: HellaSwag's endings follow a space), cut from the left to
-    block_size + 1 tokens; the last n are the ending. An example with a character outside a
-    char model's vocabulary or an ending longer than block_size is left out."""
-    encoded, left_out = [], 0
-    for ex in examples:
-        try:
-            ctx_ids = tok.encode(ex["ctx"])
-            endings = [tok.encode(" " + e) for e in ex["endings"]]
-        except DataError:
-            left_out += 1
-            continue
-        if not ctx_ids or not all(0 < len(e) <= block_size for e in endings):
-            left_out += 1
-            continue
-        encoded.append((ex["label"], [((ctx_ids + e)[-(block_size + 1):], len(e)) for e in endings]))
-    return encoded, left_out
-
-
-@torch.no_grad()
-def ending_losses(model, rows, batch_size, ctx, device, rank=0, world_size=1):
-    """(len(rows),) float64: the summed nats of each row's last n tokens given the ones before,
-    for rows = [(ids, n)]. Batches of batch_size consecutive rows are padded on the right (a
-    causal model never sees the padding); batch b runs on rank b % world_size."""
-    sums = torch.zeros(len(rows), dtype=sum_dtype(device), device=device)
-    num_batches = -(-len(rows) // batch_size)
-    padded = -(-num_batches // world_size) * world_size  # FSDP: every rank runs every forward
-    was_training = model.training
-    model.eval()
-    for b in range(rank, padded, world_size):
-        start = b % num_batches * batch_size
-        batch = rows[start:start + batch_size]
-        T = max(len(ids) for ids, _ in batch) - 1
-        x = torch.zeros(len(batch), T, dtype=torch.long)
-        y = torch.full((len(batch), T), -1, dtype=torch.long)  # -1: no loss
-        for i, (ids, n) in enumerate(batch):
-            x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
-            y[i, len(ids) - 1 - n:len(ids) - 1] = torch.tensor(ids[-n:])
-        x, y = x.to(device), y.to(device)
-        with ctx:
-            logits, _ = model(x, y)
-        if b >= num_batches:
-            continue
-        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
-        sums[start:start + len(batch)] = nats.view(len(batch), T).to(sums.dtype).sum(1)
-    if world_size > 1:
-        dist.all_reduce(sums)  # each entry is one rank's, the others add zeros: exact
-    model.train(was_training)
-    return sums.cpu().double()
-
-
-def score_multiple_choice(model, encoded, batch_size, ctx, device, rank=0, world_size=1):
-    """{'acc', 'acc_norm', 'n'}: the fraction of examples whose right ending has the lowest
-    total loss (acc) and the lowest loss per token of the ending (acc_norm, as llm.c and
-    nanochat score HellaSwag, so GPT-2's published numbers compare)."""
-    rows = [row for _, endings in encoded for row in endings]
-    losses = ending_losses(model, rows, batch_size, ctx, device, rank, world_size).tolist() if rows else []
-    correct = correct_norm = i = 0
-    for label, endings in encoded:
-        total = losses[i:i + len(endings)]
-        per_token = [s / n for s, (_, n) in zip(total, endings)]
-        correct += min(range(len(total)), key=total.__getitem__) == label
-        correct_norm += min(range(len(per_token)), key=per_token.__getitem__) == label
-        i += len(endings)
-    n = len(encoded)
-    return {"acc": correct / n if n else float("nan"), "acc_norm": correct_norm / n if n else float("nan"), "n": n}
-
-
-# -----------------------------------------------------------------------------
-# tasks
-
-def load_hellaswag(path, url=HELLASWAG_URL):
-    """HellaSwag's validation split as [{'ctx', 'endings', 'label'}] (10,042 examples in the
-    official file), downloaded from its official location when path is missing."""
-    if not os.path.exists(path):
-        download(url, path)
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-                ex = {"ctx": ex["ctx"], "endings": ex["endings"], "label": ex["label"]}
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path} line {n}: not a HellaSwag example ({type(e).__name__}: {e}); "
-                                f"delete the file to download it again")
-            endings = ex["endings"]
-            if not (isinstance(ex["ctx"], str) and isinstance(endings, list) and len(endings) >= 2
-                    and all(isinstance(e, str) for e in endings) and isinstance(ex["label"], int)
-                    and 0 <= ex["label"] < len(endings)):
-                raise DataError(f"{path} line {n}: needs a ctx string, a list of ending strings and a "
-                                f"label indexing them; delete the file to download it again")
-            examples.append(ex)
-    if not examples:
-        raise DataError(f"{path} holds no examples; delete it to download it again")
-    return examples
-
-
-TASKS = {"hellaswag": load_hellaswag}  # name -> loader(path) of its examples
-
-
-def parse_tasks(names, setting, extra=()):
-    """The task names of a comma-separated setting, each one known."""
-    parsed = [t.strip() for t in names.split(",") if t.strip()]
-    for t in parsed:
-        if t not in TASKS and t not in extra:
-            raise ConfigError(f"{setting}={names!r}: unknown task {t!r}; known: {', '.join([*extra, *TASKS])}")
-    return parsed
-
-
-def load_tasks(names, paths, tok, block_size, max_examples=0, rank=0, ddp=False):
-    """{task: encoded examples} (see encode_examples), the first max_examples of each (0 = all).
-    Rank 0 reads first (downloading a missing file), then the other ranks."""
-    out = {}
-    for name in names:
-        if ddp and rank != 0:
-            dist.barrier()
-        try:
-            examples = TASKS[name](paths[name])
-        finally:
-            if ddp and rank == 0:
-                dist.barrier()
-        encoded, left_out = encode_examples(examples[:max_examples or None], tok, block_size)
-        if rank == 0 and left_out:
-            print(f"note: {name}: {left_out} of {len(encoded) + left_out} examples left out (characters "
-                  f"outside the vocabulary or an ending longer than block_size)", file=sys.stderr)
-        out[name] = encoded
-    return out
-
-
-def score_tasks(tasks, model, batch_size, ctx, device, rank=0, world_size=1):
-    """{'<task>_acc', '<task>_acc_norm', '<task>_n'} for tasks from load_tasks."""
-    out = {}
-    for name, encoded in tasks.items():
-        scores = score_multiple_choice(model, encoded, batch_size, ctx, device, rank, world_size)
-        out.update({f"{name}_{k}": v for k, v in scores.items()})
-    return out
-
-
-def format_results(r):
-    """'train loss 1.2345, val loss 1.3456, val bpb 1.9413, hellaswag acc 0.2859 acc_norm 0.2955'"""
-    parts = [f"{split} loss {r[f'{split}_loss']:.4f}" for split in ("train", "val") if f"{split}_loss" in r]
-    parts += [f"val bpb {r['val_bpb']:.4f}"] if "val_bpb" in r else []
-    parts += [f"{name} acc {r[f'{name}_acc']:.4f} acc_norm {r[f'{name}_acc_norm']:.4f}"
-              for name in TASKS if f"{name}_acc" in r]
-    return ", ".join(parts)
-
+from gpt_trainer.evaluation import (estimate_loss, format_results, load_tasks, parse_tasks, score_tasks,  # noqa: E402
+                                    token_byte_lengths)
+from gpt_trainer.loading import checkpoint_data_dir  # noqa: E402
+from gpt_trainer.loading import load_model as load_model_for_inference  # noqa: E402
+from gpt_trainer.tokenizer import tokenizer_from_meta  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the standalone command
 
 def load_model(s):
     """(model, tokenizer, where it came from, data dir for 'val' or '')."""
-    from checkpoint import build_model, load_checkpoint
-    from hf import gpt_from_hf
-    from sample import checkpoint_path, checkpoint_tokenizer
-    from tokenizer import get_tokenizer
+    model, tok, source, config = load_model_for_inference(s["init_from"], s["out_dir"], s["ckpt"])
     explicit_dir = s["data_dir"] or (os.path.join("data", s["dataset"]) if s["dataset"] else "")
-    if s["init_from"] != "resume":
-        return gpt_from_hf(s["init_from"]), get_tokenizer("gpt2"), s["init_from"], explicit_dir
-    path = checkpoint_path(s["out_dir"], s["ckpt"])
-    checkpoint = load_checkpoint(path)
-    config = checkpoint.get("config") or {}
-    own_dir = config.get("data_dir") or os.path.join("data", config.get("dataset", ""))
-    data_dir = explicit_dir or (own_dir if os.path.isdir(own_dir) else "")
-    return build_model(checkpoint, path), checkpoint_tokenizer(checkpoint), path, data_dir
+    own_dir = checkpoint_data_dir(config) if config else ""
+    return model, tok, source, explicit_dir or (own_dir if os.path.isdir(own_dir) else "")
 
 
 def main(s):
-    from dataloader import open_dataset
-    from runtime import autocast_context, init_distributed, resolve_device, resolve_dtype
+    from gpt_trainer.dataloader import open_dataset
+    from gpt_trainer.runtime import autocast_context, init_distributed, resolve_device, resolve_dtype
     names = parse_tasks(s["tasks"], "tasks", extra=("val",))
     ddp, rank, _, world_size, device = init_distributed(s["backend"], resolve_device(s["device"]))
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]

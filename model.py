@@ -1,9 +1,10 @@
 """
 A GPT language model in one file. The default GPTConfig is exactly GPT-2 (learned
 positions, LayerNorm, GELU, tied embeddings) with the Hugging Face GPT-2 parameter names,
-so weights move both ways with a plain name map (see hf.py). Every other architecture
+so weights move both ways with a plain name map (see gpt_trainer/hf.py). Every other architecture
 option (RoPE, RMSNorm, ReLU^2, SwiGLU, grouped-query attention, QK-norm, untied head,
 logit soft-capping) is a GPTConfig field, so a checkpoint's model_args rebuild it exactly.
+Generation (the KV cache, the decode step and sampling) is gpt_trainer/generate.py.
 """
 import math
 from dataclasses import dataclass, fields
@@ -13,9 +14,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cpu_kernels import Linear, attention, decoding
+from gpt_trainer.cpu_kernels import Linear, attention
 
-WINDOWS = ("exact", "chunked", "sliding")  # generation past block_size, see generate_stream
 RECOMPUTE = ("none", "block", "attn", "mlp")  # activation checkpointing, see GPT.set_recompute
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
            "mlp": ("gelu", "gelu_exact", "relu2", "swiglu")}
@@ -87,18 +87,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.size(-1),), self.weight, eps=self.eps)
 
 
-def norm(x, params, name, config):
-    """What the norm module `name` (make_norm's) computes, from its parameters in `params`."""
-    weight = params[name + ".weight"]
-    if config.norm == "rmsnorm":
-        return F.rms_norm(x, (x.size(-1),), weight, config.norm_eps)
-    return F.layer_norm(x, (x.size(-1),), weight, params.get(name + ".bias"), config.norm_eps)
-
-
-def linear(x, params, name):
-    return F.linear(x, params[name + ".weight"], params.get(name + ".bias"))
-
-
 def make_norm(config, ndim=None):
     ndim = ndim or config.n_embd
     if config.norm == "rmsnorm":
@@ -117,29 +105,6 @@ def apply_rope(x, cos, sin):
     # x: (B, nh, T, hs); cos, sin: (T, hs/2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, (B, n_kv_head, block_size, hs)
-    each, filled by a prefill and then one token per decode step. Past block_size (RoPE only,
-    one token at a time) it is a ring: a new token replaces the oldest, so the cache holds the
-    last block_size tokens, which one query attends to in any order."""
-
-    def __init__(self, n_layer):
-        self.k, self.v = [None] * n_layer, [None] * n_layer
-        self.pos = 0  # tokens already cached (the absolute position of the next one)
-
-    def update(self, layer, k, v, size):
-        if self.k[layer] is None:
-            B, nkv, _, hs = k.shape
-            self.k[layer] = k.new_zeros(B, nkv, size, hs)
-            self.v[layer] = v.new_zeros(B, nkv, size, hs)
-        T = k.size(2)
-        slot = self.pos % size if self.pos + T > size else self.pos
-        self.k[layer][:, :, slot:slot + T] = k
-        self.v[layer][:, :, slot:slot + T] = v
-        end = min(self.pos + T, size)
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -240,24 +205,6 @@ class Block(nn.Module):
         return checkpoint(mlp, attn(x), use_reentrant=False)
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row from logits (B, V): greedy at temperature 0, else top-k and/or
-    nucleus (top-p) sampling. Returns (B, 1)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits, ids = logits.float() / temperature, None
-    V = logits.size(-1)
-    if (top_k and top_k < V) or (top_p is not None and top_p < 1.0):
-        logits, ids = torch.topk(logits, min(top_k or V, V))  # the candidates, most likely first
-    probs = logits.softmax(dim=-1)
-    if top_p is not None and top_p < 1.0:  # keeps the token that crosses top_p
-        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
-    # exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) is i with probability p_i / sum(p)
-    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-30)
-    choice = probs.div_(race).argmax(dim=-1, keepdim=True)
-    return choice if ids is None else ids.gather(-1, choice)
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -304,9 +251,10 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None, all_logits=False, sliding=False):
         """Logits for the last position (inference), or for every position with targets or
-        all_logits. With kv_cache, idx continues the cached tokens. sliding=True lets a RoPE
-        model pass block_size: each token attends to the last block_size tokens (itself
-        included) in every layer, over a longer idx or, one token at a time, a longer cache."""
+        all_logits. With kv_cache (a gpt_trainer.generate.KVCache), idx continues the cached
+        tokens. sliding=True lets a RoPE model pass block_size: each token attends to the last
+        block_size tokens (itself included) in every layer, over a longer idx or, one token at
+        a time, a longer cache."""
         B, T = idx.size()
         pos = kv_cache.pos if kv_cache is not None else 0
         sliding = sliding and "wpe" not in self.transformer and (kv_cache is None or T == 1)
@@ -325,9 +273,15 @@ class GPT(nn.Module):
             kv_cache.pos += T
         if targets is None and not all_logits:
             x = x[:, -1:, :]
-        logits = self.head(x)
         if targets is None:
-            return logits, None
+            return self.head(x), None
+        return self.head_loss(x, targets)
+
+    def head_loss(self, x, targets):
+        """(logits, mean cross-entropy over the targets that are not -1) from the last block's
+        output; a function of its own so that torch.compile can fuse the fp32 cast into the
+        loss (runtime.try_compile compiles it as one region)."""
+        logits = self.head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
@@ -340,36 +294,6 @@ class GPT(nn.Module):
             raise ValueError(f"recompute={what!r} is not one of {RECOMPUTE}")
         for block in self.transformer.h[:-1]:
             block.recompute = what
-
-    def decode_params(self):
-        """Per block, its parameters by name ('attn.c_attn.weight', ...), as decode() reads them."""
-        return [dict(block.named_parameters()) for block in self.transformer.h]
-
-    def decode(self, token, cache, params):
-        """Logits (B, 1, V) for token (B, 1) after the tokens in cache: forward() in eval mode
-        for one position, written over plain tensors (params from decode_params()). At batch 1
-        a step's matmuls are small, so the modules' calls and parameter lookups would be a large
-        share of its time (bench.py --sample --profile)."""
-        cfg, pos, B = self.config, cache.pos, token.size(0)
-        nh, nkv, hs = cfg.n_head, cfg.kv_heads, cfg.head_size
-        x = F.embedding(token, self.transformer.wte.weight)  # (B, 1, C)
-        rope = self.rope_at(pos, 1) if cfg.pos_emb == "rope" else None
-        if rope is None:
-            x = x + self.transformer.wpe.weight[pos]
-        for layer, p in enumerate(params):
-            qkv = linear(norm(x, p, "ln_1", cfg), p, "attn.c_attn").view(B, nh + 2 * nkv, 1, hs)
-            q, k, v = qkv.split([nh, nkv, nkv], dim=1)  # (B, nh|nkv, 1, hs)
-            if cfg.qk_norm:
-                q, k = norm(q, p, "attn.q_norm", cfg), norm(k, p, "attn.k_norm", cfg)
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            k, v = cache.update(layer, k, v, cfg.block_size)
-            y = attention(q, k, v, None, False, 0.0, nkv != nh)  # one query sees the whole cache
-            x = x + linear(y.view(B, 1, nh * hs), p, "attn.c_proj")  # (B, nh, 1, hs) as (B, 1, nh*hs)
-            h = activate(cfg.mlp, linear(norm(x, p, "ln_2", cfg), p, "mlp.c_fc"))
-            x = x + linear(h, p, "mlp.c_proj")
-        cache.pos += 1
-        return self.head(x)
 
     def head(self, x):
         """Logits (B, T, vocab_size) from the last block's output."""
@@ -390,6 +314,25 @@ class GPT(nn.Module):
                 self.rope_cos = torch.cat([self.rope_cos, cos[n:].to(self.rope_cos)])
                 self.rope_sin = torch.cat([self.rope_sin, sin[n:].to(self.rope_sin)])
         return self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+
+    def grow_vocab(self, vocab_size, multiple=64):
+        """Rows for ids up to vocab_size (a chat template's special ids past an HF GPT-2's 50257),
+        rounded up to a multiple of 64; new rows start at the mean embedding. True if it grew."""
+        old = self.config.vocab_size
+        if vocab_size <= old:
+            return False
+        new = -(-vocab_size // multiple) * multiple
+        wte, head = self.transformer.wte, self.lm_head
+        with torch.no_grad():
+            wte.weight = nn.Parameter(torch.cat([wte.weight, wte.weight.mean(0, keepdim=True).expand(new - old, -1)]))
+            wte.num_embeddings = new
+            if self.config.tie_embeddings:
+                head.weight = wte.weight
+            else:
+                head.weight = nn.Parameter(torch.cat([head.weight, head.weight.new_zeros(new - old, head.in_features)]))
+            head.out_features = new
+        self.config.vocab_size = new
+        return True
 
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. to fine-tune GPT-2 with a smaller block_size)."""
@@ -415,47 +358,3 @@ class GPT(nn.Module):
         if not peak_flops or dt <= 0:
             return None
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
-
-    @torch.inference_mode()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        generator=None, use_cache=True, window="exact", vocab_limit=None):
-        """Yield the next token for every row, (B, 1), max_new_tokens times; idx (B, T) holds at
-        most block_size tokens. The prompt is prefilled into a KV cache once, then each step
-        feeds one token. Past block_size, window='exact' is a forward over the last block_size
-        tokens (learned positions change every cached key, so the window is recomputed);
-        'chunked' keeps the last half block and re-prefills (faster, a shorter context);
-        'sliding' (RoPE) keeps decoding from the cache, as forward(sliding=True) computes.
-        vocab_limit: sample only ids below it (a padded vocabulary has ids no tokenizer knows)."""
-        if window not in WINDOWS:
-            raise ValueError(f"window={window!r} is not one of {WINDOWS}")
-        sliding = window == "sliding"
-        if sliding and "wpe" in self.transformer:
-            raise ValueError("window='sliding' needs pos_emb='rope' (learned positions end at block_size)")
-        bs, (B, T) = self.config.block_size, idx.shape
-        if T > bs:
-            raise ValueError(f"prompt of {T} tokens exceeds block_size {bs}")
-        seq = idx.new_empty(B, T + max_new_tokens)  # the whole output, filled in place
-        seq[:, :T] = idx
-        cache, params = None, self.decode_params()
-        for L in range(T, T + max_new_tokens):  # L tokens so far
-            with decoding(self.lm_head.weight):
-                if not use_cache:
-                    logits, _ = self(seq[:, 0 if sliding else max(0, L - bs):L], sliding=sliding)
-                elif cache is not None and (cache.pos < bs or sliding):
-                    step = seq[:, L - 1:L]  # dropout, if training, needs the modules
-                    logits = self(step, kv_cache=cache, sliding=sliding)[0] if self.training \
-                        else self.decode(step, cache, params)
-                else:
-                    keep = bs if (window != "chunked" or L <= bs) else max(1, bs // 2)
-                    cache = KVCache(self.config.n_layer)
-                    logits, _ = self(seq[:, max(0, L - keep):L], kv_cache=cache)
-            next_token = sample_next(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
-            seq[:, L:L + 1] = next_token
-            yield next_token
-
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 generator=None, use_cache=True, window="exact", vocab_limit=None):
-        """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + max_new_tokens)."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                        generator, use_cache, window, vocab_limit))
-        return torch.cat([idx] + new, dim=1)

@@ -12,13 +12,10 @@ import sys
 
 import torch
 
-from checkpoint import build_model, load_checkpoint
 from configurator import UserError, configure, install_error_hook
-from dataloader import load_meta
-from hf import gpt_from_hf, hf_tokenizer
-from model import WINDOWS
-from runtime import autocast_context, resolve_device, resolve_dtype
-from tokenizer import tokenizer_from_meta
+from gpt_trainer.generate import WINDOWS, decode, generate_stream
+from gpt_trainer.loading import load_model
+from gpt_trainer.runtime import autocast_context, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
 # settings
@@ -66,36 +63,6 @@ def unescape(text):
         return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as e:
         raise SampleError(f"stop={text!r}: {e.reason} (a lone backslash? write \\\\ for one)")
-
-
-def checkpoint_path(out_dir, ckpt):
-    if ckpt != "auto":
-        return ckpt
-    best = os.path.join(out_dir, "best.pt")  # written only when it beat every earlier eval
-    return best if os.path.exists(best) else os.path.join(out_dir, "ckpt.pt")
-
-
-def checkpoint_tokenizer(checkpoint):
-    """The tokenizer of the data the checkpoint was trained on (its meta, else its data dir)."""
-    config = checkpoint.get("config") or {}
-    data_dir = config.get("data_dir") or os.path.join("data", config.get("dataset", ""))
-    meta = checkpoint.get("meta") or (load_meta(data_dir) if os.path.isdir(data_dir) else {})
-    if not meta:
-        print("note: the checkpoint records no tokenizer; assuming GPT-2's", file=sys.stderr)
-    return tokenizer_from_meta(meta, data_dir)
-
-
-def load_model(init_from, out_dir, ckpt):
-    """(model, tokenizer, where the model came from)."""
-    if init_from == "resume":
-        path = checkpoint_path(out_dir, ckpt)
-        checkpoint = load_checkpoint(path)
-        model = build_model(checkpoint, path)
-        if hasattr(model, "lora"):  # decode steps read plain weights: fold the adapters in
-            from lora import merge
-            merge(model)
-        return model, checkpoint_tokenizer(checkpoint), path
-    return gpt_from_hf(init_from), hf_tokenizer(init_from), init_from
 
 
 def read_prompt(start):
@@ -153,7 +120,7 @@ class Sample:
         return new
 
 
-def generate_samples(model, prompt_ids, tok, settings, streaming, ctx):
+def generate_samples(model, prompt_ids, tok, settings, streaming, ctx, decode_fn=None):
     """All num_samples in one batch; print each sample as it ends (or token by token when
     streaming). Stops early once every sample has ended."""
     s = settings
@@ -166,9 +133,10 @@ def generate_samples(model, prompt_ids, tok, settings, streaming, ctx):
     if streaming:
         sys.stdout.write(prompt_text)
     with ctx:
-        tokens = model.generate_stream(idx, s["max_new_tokens"], s["temperature"], s["top_k"] or None,
-                                       s["top_p"], generator, s["use_cache"], s["window"],
-                                       vocab_limit=tok.vocab_size)  # a padded vocab has unknown ids
+        tokens = generate_stream(model, idx, s["max_new_tokens"], s["temperature"], s["top_k"] or None,
+                                 s["top_p"], generator, s["use_cache"], s["window"],
+                                 vocab_limit=tok.vocab_size,  # a padded vocab has unknown ids
+                                 decode_fn=decode_fn)
         for next_token in tokens:
             for sample, token in zip(samples, next_token[:, 0].tolist()):
                 if not sample.done:
@@ -198,6 +166,8 @@ def print_finished(samples, printed, prompt_text):
 
 
 def prepare_model(model, tok, device, compile_model, window="exact"):
+    """(the model on device, checked against its tokenizer and window; the function of each
+    decoding step, compiled with the model when compile_model)."""
     model.eval().to(device)
     if tok.vocab_size > model.config.vocab_size:
         raise SampleError(f"the model has vocab_size {model.config.vocab_size} but its tokenizer "
@@ -205,10 +175,10 @@ def prepare_model(model, tok, device, compile_model, window="exact"):
     if window == "sliding" and model.config.pos_emb != "rope":
         raise SampleError("window='sliding' needs a RoPE model (pos_emb='rope'); this one has learned "
                           "positions: use window='exact' or 'chunked'")
-    if compile_model:
-        model.compile(dynamic=True)  # in place: the prefill's self(...) calls
-        model.decode = torch.compile(model.decode, dynamic=True)  # and each token's step
-    return model
+    if not compile_model:
+        return model, decode
+    model.compile(dynamic=True)  # in place: the prefill's self(...) calls
+    return model, torch.compile(decode, dynamic=True)  # and each token's step
 
 
 if __name__ == "__main__":
@@ -223,10 +193,10 @@ if __name__ == "__main__":
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     ctx = autocast_context(device_type, resolve_dtype(dtype, device_type))
     torch.backends.cuda.matmul.allow_tf32 = True
-    model, tok, source = load_model(init_from, out_dir, ckpt)
-    model = prepare_model(model, tok, device, compile, window)
+    model, tok, source, _ = load_model(init_from, out_dir, ckpt)
+    model, decode_fn = prepare_model(model, tok, device, compile, window)
     print(f"{source}: {model.get_num_params() / 1e6:.2f}M parameters, block_size "
           f"{model.config.block_size}, tokenizer {tok.name} ({tok.vocab_size} tokens), {device}",
           file=sys.stderr)
     prompt_ids = encode_prompt(tok, read_prompt(start), model.config.block_size)
-    generate_samples(model, prompt_ids, tok, settings, stream and num_samples == 1, ctx)
+    generate_samples(model, prompt_ids, tok, settings, stream and num_samples == 1, ctx, decode_fn)

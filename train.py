@@ -24,22 +24,24 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (build_model, check_model_args, claim_out_dir, last_saved, load_resume_point, model_config,
-                        resume_training, save_training_state, save_weights, start_over)
 from configurator import (ANY, ConfigError, UserError, at_least, check_settings, configure, in_range,
                           install_error_hook, one_of)
-from dataloader import BatchLoader, check_same_tokenizer, data_vocab_size, load_meta, open_dataset
-from evaluate import (TASKS, estimate_loss, eval_tokenizer, format_results, load_tasks, parse_tasks, score_tasks,
-                      token_byte_lengths)
-from metrics import MetricsLogger
+from gpt_trainer import checkpoint
+from gpt_trainer.checkpoint import (check_model_args, claim_out_dir, last_saved, load_resume_point,
+                                    model_config, resume_training, save_training_state, save_weights, start_over)
+from gpt_trainer.dataloader import BatchLoader, check_same_tokenizer, data_vocab_size, load_meta, open_dataset
+from gpt_trainer.evaluation import (TASKS, estimate_loss, eval_tokenizer, format_results, load_tasks, parse_tasks,
+                                    score_tasks, token_byte_lengths)
+from gpt_trainer.metrics import MetricsLogger
+from gpt_trainer.optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
+from gpt_trainer.runtime import (StopSignal, autocast_context, derive_grad_accum, init_distributed, keep_freed_memory,
+                                 peak_flops, peak_gpu_memory_mb, report_dead_ranks, resolve_device, resolve_dtype,
+                                 set_grad_sync, shard_model, try_compile)
 from model import CHOICES, GPT, GPTConfig, RECOMPUTE
-from optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
-from lora import TARGETS as LORA_TARGETS
-from lora import add_lora, base_fingerprint
-from sft import ChatBatchLoader, estimate_masked_loss, grow_vocab, open_masks, sft_loss
-from runtime import (StopSignal, autocast_context, derive_grad_accum, init_distributed, keep_freed_memory,
-                     peak_flops, peak_gpu_memory_mb, report_dead_ranks, resolve_device, resolve_dtype,
-                     set_grad_sync, shard_model, try_compile)
+from gpt_trainer.lora import TARGETS as LORA_TARGETS
+from gpt_trainer.loading import build_any_model
+from gpt_trainer.lora import add_lora, base_fingerprint
+from gpt_trainer.sft import ChatBatchLoader, estimate_masked_loss, open_masks, sft_loss
 
 # -----------------------------------------------------------------------------
 # settings: defaults train GPT-2 124M on OpenWebText on 8 GPUs, as nanoGPT
@@ -210,8 +212,8 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # model: from scratch, a checkpoint, or GPT-2 weights
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    resume_path = os.path.join(out_dir, "ckpt_dcp") if fsdp else ckpt_path
+    ckpt_path = checkpoint.ckpt_path(out_dir)
+    resume_path = os.path.join(out_dir, checkpoint.SHARDED) if fsdp else ckpt_path
     data_dir = data_dir or os.path.join("data", dataset)
     ckpt, iter_num, best_val_loss, bad_steps = None, 0, 1e9, 0
     if init_from == "scratch":
@@ -227,17 +229,17 @@ if __name__ == "__main__":
         if fsdp:  # weights are loaded after sharding, below
             model = GPT(model_config({**ckpt["model_args"], "dropout": dropout}, resume_path))
         else:
-            model = build_model(ckpt, resume_path, dropout=dropout if "dropout" in explicit else None)
+            model = build_any_model(ckpt, resume_path, dropout=dropout if "dropout" in explicit else None)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         bad_steps = ckpt.get("bad_steps", 0)
     else:
-        from hf import check_hf_overrides, gpt_from_hf
+        from gpt_trainer.hf import check_hf_overrides, gpt_from_hf
         check_hf_overrides({k: config[k] for k in explicit & set(MODEL_KEYS) - {"block_size"}})
         model = gpt_from_hf(init_from, dropout=dropout)
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)
-    if init_from not in ("scratch", "resume") and os.path.isdir(data_dir) and grow_vocab(
-            model, data_vocab_size(load_meta(data_dir)) or 0) and master_process:
+    if init_from not in ("scratch", "resume") and os.path.isdir(data_dir) and model.grow_vocab(
+            data_vocab_size(load_meta(data_dir)) or 0) and master_process:
         print(f"vocab_size grown to {model.config.vocab_size} for the dataset's chat template's special tokens")
     if block_size != model.config.block_size:
         raise ConfigError(f"block_size={block_size} but the model has block_size {model.config.block_size}")
@@ -341,7 +343,7 @@ if __name__ == "__main__":
             if eval_due and results["val_loss"] < best_val_loss:
                 best_val_loss = results["val_loss"]
                 if not always_save_checkpoint and iter_num > start_iter:
-                    save_weights(os.path.join(out_dir, "best.pt"), raw_model, fsdp, **run_info, iter_num=iter_num,
+                    save_weights(checkpoint.best_path(out_dir), raw_model, fsdp, **run_info, iter_num=iter_num,
                                  best_val_loss=best_val_loss, bad_steps=bad_steps)
             t0 = time.perf_counter()
 

@@ -2,7 +2,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the project's modules live at the repo root, not in a package
+sys.path.insert(0, ROOT)  # the scripts and the gpt_trainer package live at the repo root (nothing is installed)
 
 # tiktoken downloads its encodings on first use; offline machines get them from ../shared
 _cache = os.path.join(ROOT, "..", "shared", "tiktoken_cache")

@@ -18,10 +18,9 @@ from trainutil import REPO, child_env, load_ckpt, one_error_line, read_metrics, 
 transformers = pytest.importorskip("transformers")
 
 from chat import Conversation, load  # noqa: E402
-from chat_template import SPECIALS, DefaultChat, HFChat, chat_from_meta, hf_tokenizer_from_dir  # noqa: E402
-from dataloader import load_meta  # noqa: E402
-from sft import ChatBatchLoader, loss_sum, open_masks, sft_loss  # noqa: E402
-from tokenizer import CharTokenizer  # noqa: E402
+from gpt_trainer.chat_template import SPECIALS, DefaultChat, HFChat, chat_from_meta  # noqa: E402
+from gpt_trainer.dataloader import load_meta  # noqa: E402
+from gpt_trainer.sft import ChatBatchLoader, loss_sum, open_masks, sft_loss  # noqa: E402
 
 PREPARE = os.path.join(REPO, "data", "chat", "prepare.py")
 # a Qwen-style template whose assistant turns are {% generation %} blocks
@@ -108,7 +107,7 @@ def test_three_layouts_render_the_same_conversation(tmp_path):
 def test_default_template_on_gpt2_uses_unused_padded_ids():
     from trainutil import need_tiktoken
     need_tiktoken("gpt2")
-    from tokenizer import get_tokenizer
+    from gpt_trainer.tokenizer import get_tokenizer
     chat = DefaultChat(get_tokenizer("gpt2"))
     assert [chat.special[s] for s in SPECIALS] == [50257, 50258, 50259, 50260]
     ids, mask = chat.encode(CONVERSATION, add_generation_prompt=True)
@@ -184,7 +183,7 @@ def chat_data(tmp_path_factory):
 
 
 def test_loss_scale_is_the_mean_over_the_steps_targets(chat_data):
-    from dataloader import open_dataset
+    from gpt_trainer.dataloader import open_dataset
     from model import GPT, GPTConfig
     splits, meta = open_dataset(chat_data, 16)
     masks = open_masks(chat_data, meta, splits)
@@ -375,7 +374,7 @@ def test_exported_default_template_generates_as_chat_py(tmp_path):
     prepare(f"--input={src}", "--encoding=gpt2", f"--out_dir={tmp_path / 'd'}", "--val_fraction=0.25")
     out = str(tmp_path / "out")
     run_train(out, str(tmp_path / "d"), **{**TINY, "block_size": 64, "max_iters": 2, "learning_rate": 0.1})
-    p = subprocess.run([sys.executable, "hf.py", f"--ckpt={out}/ckpt.pt", f"--out={tmp_path / 'hf'}"], cwd=REPO,
+    p = subprocess.run([sys.executable, "export.py", f"--ckpt={out}/ckpt.pt", f"--out={tmp_path / 'hf'}"], cwd=REPO,
                        env=child_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")

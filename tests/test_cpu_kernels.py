@@ -10,7 +10,7 @@ import torch.nn.functional as F
 def test_probs_attention_matches_sdpa_and_gradcheck():
     """ProbsAttention (bf16 CPU attention) is exact causal attention: gradcheck in float64, and
     outputs and gradients equal to SDPA's in fp32."""
-    from cpu_kernels import ProbsAttention
+    from gpt_trainer.cpu_kernels import ProbsAttention
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
     assert torch.autograd.gradcheck(ProbsAttention.apply, (q, k, v))
@@ -29,7 +29,7 @@ def test_probs_attention_matches_sdpa_and_gradcheck():
 def test_cpu_bf16_attention(monkeypatch, probs_limit):
     """Under CPU bf16 autocast, attention is ProbsAttention in bf16 while the probabilities are
     small, else fp32 SDPA of the bf16 inputs rounded once; both are close to fp32 attention."""
-    from cpu_kernels import ProbsAttention, attention
+    from gpt_trainer.cpu_kernels import ProbsAttention, attention
     monkeypatch.setattr(ProbsAttention, "PROBS", probs_limit)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 16, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
@@ -50,7 +50,7 @@ def test_cpu_bf16_attention(monkeypatch, probs_limit):
 
 
 def test_cpu_vendor_picks_onednn_for_amd_only(tmp_path):
-    import cpu_kernels
+    from gpt_trainer import cpu_kernels
     for vendor in ("AuthenticAMD", "GenuineIntel"):
         (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\n")
         assert cpu_kernels.cpu_vendor(str(tmp_path / "cpuinfo")) == vendor
@@ -63,7 +63,7 @@ def test_cpu_vendor_picks_onednn_for_amd_only(tmp_path):
 
 @pytest.mark.parametrize("onednn", [True, False])
 def test_linear_follows_onednn_fp32(monkeypatch, onednn):
-    import cpu_kernels
+    from gpt_trainer import cpu_kernels
     if cpu_kernels.ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN")
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32", onednn)
@@ -75,7 +75,7 @@ def test_linear_follows_onednn_fp32(monkeypatch, onednn):
 def test_cpu_linear_matches_aten_with_gradients(monkeypatch):
     """cpu_kernels.Linear with oneDNN on (as on AMD CPUs) against F.linear: outputs and all
     three gradients."""
-    import cpu_kernels
+    from gpt_trainer import cpu_kernels
     if cpu_kernels.ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN")
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32", True)
@@ -97,7 +97,7 @@ def test_cpu_linear_matches_aten_with_gradients(monkeypatch):
 @pytest.fixture
 def small_slices(monkeypatch):
     """DropoutAttention in slices of 2 heads, so the slicing itself is exercised."""
-    from cpu_kernels import DropoutAttention
+    from gpt_trainer.cpu_kernels import DropoutAttention
     monkeypatch.setattr(DropoutAttention, "ROWS", 2 * 16 * 16)
     return DropoutAttention
 
@@ -128,12 +128,13 @@ def test_dropout_attention_gradients_and_masks(small_slices):
 
 
 def test_decoding_turns_onednn_off_for_fp32_cpu_steps_only():
-    from cpu_kernels import decoding
+    from gpt_trainer.cpu_kernels import decoding
+    from gpt_trainer.generate import generate
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
     seen = []
     model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.mkldnn.enabled))
-    model.generate(torch.zeros(1, 1, dtype=torch.long), 3)
+    generate(model, torch.zeros(1, 1, dtype=torch.long), 3)
     assert seen == [False] * 3 and torch.backends.mkldnn.enabled  # restored after each step
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls need oneDNN
         with decoding(model.lm_head.weight):

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader import (BatchLoader, DataError, TokenFile, check_same_tokenizer, get_batch,
-                        load_meta, open_dataset)
-from tokenizer import CharTokenizer, get_tokenizer, load_tokenizer, tokenizer_from_meta
+from gpt_trainer.dataloader import (BatchLoader, DataError, TokenFile, check_same_tokenizer, get_batch,
+                                    load_meta, open_dataset)
+from gpt_trainer.tokenizer import CharTokenizer, get_tokenizer, load_tokenizer, tokenizer_from_meta
 from trainutil import corpus_text, need_tiktoken, one_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,10 +195,10 @@ def test_tokenizer_smaller_than_meta_is_refused(two_bpe_dirs, tmp_path):
     smaller = load_meta(small)["vocab_size"]
     with pytest.raises(DataError, match=f"has {smaller} tokens but .*a/meta.json says vocab_size 300"):
         tokenizer_from_meta(meta, str(a))
-    import sample
+    from gpt_trainer import loading
     ckpt = {"meta": {**meta, "tokenizer_json": (small / "tokenizer.json").read_text()}, "config": {}}
     with pytest.raises(DataError, match=f"has {smaller} tokens but the checkpoint's meta says vocab_size 300"):
-        sample.checkpoint_tokenizer(ckpt)
+        loading.checkpoint_tokenizer(ckpt)
 
 
 def test_check_same_tokenizer(two_bpe_dirs):

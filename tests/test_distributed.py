@@ -87,7 +87,7 @@ def test_fsdp_matches_ddp_and_resumes_exactly(tmp_path, char_data):
     assert os.path.exists(os.path.join(fsdp, "ckpt_dcp", "latest"))
     assert step_losses(read_metrics(fsdp)) == step_losses(read_metrics(resumed))  # bitwise
     for out in (fsdp, resumed):
-        p = subprocess.run([sys.executable, "checkpoint.py", "consolidate", out], cwd=REPO,
+        p = subprocess.run([sys.executable, "export.py", f"--consolidate={out}"], cwd=REPO,
                            capture_output=True, text=True, env=child_env())
         assert p.returncode == 0, p.stderr
     wf, wr = weights(os.path.join(fsdp, "ckpt.pt")), weights(os.path.join(resumed, "ckpt.pt"))

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from trainutil import (REPO, char_data, child_env, corpus_text, free_port, need_tiktoken, one_error_line,  # noqa: F401
                        read_metrics, run_torchrun, run_train)
 
-import evaluate  # noqa: E402
-from dataloader import DataError, get_batch, open_dataset  # noqa: E402
-from metrics import MetricsLogger  # noqa: E402
+from gpt_trainer import evaluation  # noqa: E402
+from gpt_trainer.dataloader import DataError, get_batch, open_dataset  # noqa: E402
+from gpt_trainer.metrics import MetricsLogger  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from dataprep import write_dataset  # noqa: E402
-from tokenizer import CharTokenizer, TiktokenTokenizer, train_bpe  # noqa: E402
+from gpt_trainer.dataprep import write_dataset  # noqa: E402
+from gpt_trainer.tokenizer import CharTokenizer, TiktokenTokenizer, train_bpe  # noqa: E402
 
 EVALUATE = os.path.join(REPO, "evaluate.py")
 CPU = dict(ctx=nullcontext(), device="cpu")
@@ -82,7 +82,7 @@ def char_tokenizer(data_dir):
 
 
 def test_token_byte_lengths_char_and_padding():
-    lengths = evaluate.token_byte_lengths(CharTokenizer(["\n", "a", "é", "日", "🙂"]), vocab_size=8)
+    lengths = evaluation.token_byte_lengths(CharTokenizer(["\n", "a", "é", "日", "🙂"]), vocab_size=8)
     assert lengths.tolist() == [1, 1, 2, 3, 4, 0, 0, 0]  # ids past the tokenizer's: 0 bytes
 
 
@@ -93,10 +93,10 @@ def test_bpb_on_ascii_chars_is_loss_over_ln2(char_data):
     assert all(ord(c) < 128 for c in tok.chars)
     model = tiny_gpt(tok.vocab_size)
     splits, _ = open_dataset(char_data, 32, tok.vocab_size)
-    r = evaluate.estimate_loss(model, splits, 32, 4, 3, token_bytes=evaluate.token_byte_lengths(tok), **CPU)
+    r = evaluation.estimate_loss(model, splits, 32, 4, 3, token_bytes=evaluation.token_byte_lengths(tok), **CPU)
     for split in ("train", "val"):
         assert r[f"{split}_bpb"] == r[f"{split}_loss"] / math.log(2)
-        direct = [model(*get_batch(splits[split], 32, 4, evaluate.EVAL_SEED, k, 0))[1].item() for k in range(3)]
+        direct = [model(*get_batch(splits[split], 32, 4, evaluation.EVAL_SEED, k, 0))[1].item() for k in range(3)]
         assert r[f"{split}_loss"] == pytest.approx(sum(direct) / 3, rel=1e-6)
 
 
@@ -114,12 +114,12 @@ def test_bpb_gpt2_matches_tiktoken_decoding(tmp_path):
     data_dir, tok = gpt2_dataset(tmp_path / "gpt2data")
     model = tiny_gpt(50304)  # GPT-2's vocabulary padded, as train.py's default
     splits, _ = open_dataset(data_dir, 32, 50304)
-    table = evaluate.token_byte_lengths(tok, 50304)
-    r = evaluate.estimate_loss(model, {"val": splits["val"]}, 32, 4, 3, token_bytes=table, **CPU)
+    table = evaluation.token_byte_lengths(tok, 50304)
+    r = evaluation.estimate_loss(model, {"val": splits["val"]}, 32, 4, 3, token_bytes=table, **CPU)
     # direct: nats of every target that is not end-of-text over the bytes tiktoken decodes them to
     nats = text_nats = nbytes = count = eots = 0
     for k in range(3):
-        x, y = get_batch(splits["val"], 32, 4, evaluate.EVAL_SEED, k, 0)
+        x, y = get_batch(splits["val"], 32, 4, evaluation.EVAL_SEED, k, 0)
         with torch.no_grad():
             logits = model(x, all_logits=True)[0]
         per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").double()
@@ -140,7 +140,7 @@ TEXT = "Plain ASCII, then café, naïve, 東京, emoji 🙂🎉, and <|endoftext
 def test_token_byte_lengths_tiktoken(encoding):
     need_tiktoken(encoding)
     tok = TiktokenTokenizer(encoding)
-    table = evaluate.token_byte_lengths(tok)
+    table = evaluation.token_byte_lengths(tok)
     ids = tok.encode(TEXT * 3)
     assert sum(table[i].item() for i in ids) == len((TEXT * 3).encode("utf-8"))
     assert table[tok.eot_token] == 0 and len(table) == tok.vocab_size
@@ -149,7 +149,7 @@ def test_token_byte_lengths_tiktoken(encoding):
 def test_token_byte_lengths_bpe(tmp_path):
     texts = [corpus_text()[:20000], TEXT * 20]
     tok = train_bpe(iter(texts), 400, str(tmp_path / "tokenizer.json"))
-    table = evaluate.token_byte_lengths(tok)
+    table = evaluation.token_byte_lengths(tok)
     ids = tok.encode(TEXT)
     assert sum(table[i].item() for i in ids) == len(TEXT.encode("utf-8"))
     assert table[tok.eot_token] == 0
@@ -164,7 +164,7 @@ def test_token_byte_lengths_bpe(tmp_path):
 def hf_gpt2(tmp_path_factory):
     """A random HF GPT-2 with GPT-2's vocabulary and 64 positions, saved and imported."""
     transformers = pytest.importorskip("transformers")
-    import hf
+    from gpt_trainer import hf
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257,
                                   bos_token_id=None, eos_token_id=None)
@@ -202,47 +202,47 @@ def hf_reference(reference, enc, examples, block_size):
 
 def test_scorer_matches_transformers(hf_gpt2, tmp_path):
     model, reference = hf_gpt2
-    examples = evaluate.load_hellaswag(write_hellaswag(tmp_path / "hs.jsonl", GPT2_EXAMPLES))
+    examples = evaluation.load_hellaswag(write_hellaswag(tmp_path / "hs.jsonl", GPT2_EXAMPLES))
     need_tiktoken("gpt2")
     tok = TiktokenTokenizer("gpt2")
-    encoded, left_out = evaluate.encode_examples(examples, tok, 64)
+    encoded, left_out = evaluation.encode_examples(examples, tok, 64)
     assert left_out == 0 and len(tok.encode(examples[-1]["ctx"])) > 64, "the long context is cut, not left out"
     rows = [row for _, endings in encoded for row in endings]
-    sums = evaluate.ending_losses(model, rows, 5, **CPU)
+    sums = evaluation.ending_losses(model, rows, 5, **CPU)
     ref_sums, acc, acc_norm = hf_reference(reference, tok.enc, examples, 64)
     assert sums.tolist() == pytest.approx(ref_sums, rel=1e-5)
-    scores = evaluate.score_multiple_choice(model, encoded, 5, **CPU)
+    scores = evaluation.score_multiple_choice(model, encoded, 5, **CPU)
     assert scores == {"acc": acc, "acc_norm": acc_norm, "n": len(examples)}
 
 
 def test_batched_scoring_equals_one_at_a_time(hf_gpt2, tmp_path):
     model, _ = hf_gpt2
     need_tiktoken("gpt2")
-    examples = evaluate.load_hellaswag(write_hellaswag(tmp_path / "hs.jsonl", GPT2_EXAMPLES))
-    encoded, _ = evaluate.encode_examples(examples, TiktokenTokenizer("gpt2"), 64)
+    examples = evaluation.load_hellaswag(write_hellaswag(tmp_path / "hs.jsonl", GPT2_EXAMPLES))
+    encoded, _ = evaluation.encode_examples(examples, TiktokenTokenizer("gpt2"), 64)
     rows = [row for _, endings in encoded for row in endings]
-    one = evaluate.ending_losses(model, rows, 1, **CPU)
+    one = evaluation.ending_losses(model, rows, 1, **CPU)
     for batch_size in (3, 8, len(rows)):
-        batched = evaluate.ending_losses(model, rows, batch_size, **CPU)
+        batched = evaluation.ending_losses(model, rows, batch_size, **CPU)
         assert batched.tolist() == pytest.approx(one.tolist(), rel=1e-6)
-        assert (evaluate.score_multiple_choice(model, encoded, batch_size, **CPU)
-                == evaluate.score_multiple_choice(model, encoded, 1, **CPU))
+        assert (evaluation.score_multiple_choice(model, encoded, batch_size, **CPU)
+                == evaluation.score_multiple_choice(model, encoded, 1, **CPU))
 
 
 def test_char_model_scores_and_leaves_out_what_it_cannot_read(tmp_path):
     # a vocabulary that spells every SHORT example, but not '['
     texts = [f"{ctx} {ctx_b} {' '.join(endings)}" for _, ctx, ctx_b, endings, _ in SHORT] + ["far thirty-two"]
     tok = CharTokenizer(sorted(set("".join(texts)) - {"["}))
-    examples = evaluate.load_hellaswag(write_hellaswag(tmp_path / "hs.jsonl", SHORT + [
+    examples = evaluation.load_hellaswag(write_hellaswag(tmp_path / "hs.jsonl", SHORT + [
         (40, "A [title] with brackets", "", ["no.", "yes."], 0),  # '[' is not in tinyshakespeare
         (41, "Short.", "", ["an ending far longer than the block size of thirty-two characters", "ok."], 1)]))
-    encoded, left_out = evaluate.encode_examples(examples, tok, 32)
+    encoded, left_out = evaluation.encode_examples(examples, tok, 32)
     assert (len(encoded), left_out) == (len(SHORT), 2)
     model = tiny_gpt(tok.vocab_size)
-    scores = evaluate.score_multiple_choice(model, encoded, 4, **CPU)
+    scores = evaluation.score_multiple_choice(model, encoded, 4, **CPU)
     # char by char: a token is a byte, so acc_norm here is per byte
     rows = [row for _, endings in encoded for row in endings]
-    sums = evaluate.ending_losses(model, rows, 1, **CPU).tolist()
+    sums = evaluation.ending_losses(model, rows, 1, **CPU).tolist()
     per_char = [s / n for s, (_, n) in zip(sums, rows)]
     expected = np.mean([np.argmin(per_char[4 * i:4 * i + 4]) == label for i, (label, _) in enumerate(encoded)])
     assert scores["n"] == len(SHORT) and scores["acc_norm"] == expected
@@ -254,19 +254,19 @@ def test_char_model_scores_and_leaves_out_what_it_cannot_read(tmp_path):
 
 def test_hellaswag_loader_parses_its_format(tmp_path):
     path = write_hellaswag(tmp_path / "hellaswag_val.jsonl", SHORT)
-    examples = evaluate.load_hellaswag(path, url="http://127.0.0.1:9/never-used")
+    examples = evaluation.load_hellaswag(path, url="http://127.0.0.1:9/never-used")
     assert examples[0] == {"ctx": "A man is on a roof. he", "endings": SHORT[0][3], "label": 3}
     assert examples[3]["ctx"] == "The boy jumps." and len(examples) == len(SHORT)
     with open(path, "a") as f:
         f.write('{"ctx": "no endings", "label": 0}\n')
     with pytest.raises(DataError, match=f"line {len(SHORT) + 1}"):
-        evaluate.load_hellaswag(path)
+        evaluation.load_hellaswag(path)
 
 
 def test_hellaswag_offline_is_one_clear_error(tmp_path):
     path = str(tmp_path / "hellaswag" / "hellaswag_val.jsonl")
     with pytest.raises(DataError) as e:
-        evaluate.load_hellaswag(path, url="http://127.0.0.1:9/hellaswag_val.jsonl")  # nothing listens there
+        evaluation.load_hellaswag(path, url="http://127.0.0.1:9/hellaswag_val.jsonl")  # nothing listens there
     assert "\n" not in str(e.value) and f"put the file at {path}" in str(e.value)
     assert not os.path.exists(os.path.dirname(path)) or os.listdir(os.path.dirname(path)) == []
 
@@ -292,8 +292,8 @@ def test_command_offline_prints_one_line(char_data, tmp_path):
     env = child_env(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
     p = run_evaluate(f"--ckpt={ckpt}", "--tasks=hellaswag", f"--hellaswag_path={missing}", "--device=cpu", env=env)
     assert p.returncode == 1
-    line = one_error_line(p.stderr.replace(f"downloading {evaluate.HELLASWAG_URL} to {missing}\n", ""))
-    assert f"could not download {evaluate.HELLASWAG_URL}" in line and f"put the file at {missing}" in line
+    line = one_error_line(p.stderr.replace(f"downloading {evaluation.HELLASWAG_URL} to {missing}\n", ""))
+    assert f"could not download {evaluation.HELLASWAG_URL}" in line and f"put the file at {missing}" in line
 
 
 def test_command_matches_in_process(char_data, tmp_path):
@@ -307,10 +307,10 @@ def test_command_matches_in_process(char_data, tmp_path):
     assert p.returncode == 0, p.stderr
     got = json.load(open(out))
     splits, _ = open_dataset(char_data, 32, tok.vocab_size)
-    want = evaluate.estimate_loss(model, {"val": splits["val"]}, 32, 4, 3,
-                                  token_bytes=evaluate.token_byte_lengths(tok), **CPU)
-    encoded, _ = evaluate.encode_examples(evaluate.load_hellaswag(hs), tok, 32)
-    want.update({f"hellaswag_{k}": v for k, v in evaluate.score_multiple_choice(model, encoded, 4, **CPU).items()})
+    want = evaluation.estimate_loss(model, {"val": splits["val"]}, 32, 4, 3,
+                                  token_bytes=evaluation.token_byte_lengths(tok), **CPU)
+    encoded, _ = evaluation.encode_examples(evaluation.load_hellaswag(hs), tok, 32)
+    want.update({f"hellaswag_{k}": v for k, v in evaluation.score_multiple_choice(model, encoded, 4, **CPU).items()})
     assert got == pytest.approx(want, rel=1e-9)
     assert f"val loss {want['val_loss']:.4f}, val bpb {want['val_bpb']:.4f}" in p.stdout
 
@@ -402,7 +402,7 @@ def test_train_writes_tensorboard_and_resumes_its_curves(char_data, tmp_path):
     shutil.copy(str(tmp_path / "ckpt4.pt"), os.path.join(out, "ckpt.pt"))
     run_train(out, char_data, init_from="resume", max_iters=8, learning_rate=5e-4, **run)
     records = read_metrics(out)
-    from optim import get_lr
+    from gpt_trainer.optim import get_lr
     lr_at_5 = [r["lr"] for r in records if r["iter"] == 5 and "lr" in r]
     assert lr_at_5 == [pytest.approx(get_lr(5, 5e-4, 1e-4, 2, 8))], "the resumed run's learning rate"
     curves = tensorboard_curves(out)

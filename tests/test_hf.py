@@ -9,7 +9,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import hf
+import export
+from gpt_trainer import hf
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -86,7 +87,7 @@ def test_import_dropout_override(hf_dir):
 def test_round_trip_is_exact(hf_dir, tmp_path):
     path, reference = hf_dir
     first = hf.gpt_from_hf(path)
-    hf.export_hf(save_ours(first, str(tmp_path / "ckpt.pt")), str(tmp_path / "hf"))
+    export.export_hf(save_ours(first, str(tmp_path / "ckpt.pt")), str(tmp_path / "hf"))
     second = hf.gpt_from_hf(str(tmp_path / "hf"))
     assert second.config == first.config
     sd1, sd2 = first.state_dict(), second.state_dict()
@@ -126,7 +127,7 @@ def test_export_trained_checkpoint(tmp_path):
     model = train_tiny_gpt()
     ckpt = save_ours(model, str(tmp_path / "ckpt.pt"), meta={"encoding": "gpt2", "vocab_size": 50257})
     out = str(tmp_path / "hf")
-    hf.main([f"--ckpt={ckpt}", f"--out={out}"])
+    export.main([f"--ckpt={ckpt}", f"--out={out}"])
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
     assert config["vocab_size"] == 50304 and config["n_positions"] == 16  # padded rows kept
@@ -143,7 +144,7 @@ def test_export_trained_checkpoint(tmp_path):
 
 def test_export_without_gpt2_meta_writes_no_tokenizer(tmp_path, hf_dir):
     model = hf.gpt_from_hf(hf_dir[0])
-    _, with_tokenizer = hf.export_hf(save_ours(model, str(tmp_path / "ckpt.pt"), meta={"encoding": "char"}),
+    _, with_tokenizer = export.export_hf(save_ours(model, str(tmp_path / "ckpt.pt"), meta={"encoding": "char"}),
                                      str(tmp_path / "hf"))
     assert not with_tokenizer
     files = set(os.listdir(tmp_path / "hf"))
@@ -157,7 +158,7 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, option, value):
     model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16, **{option: value}))
     ckpt = save_ours(model, str(tmp_path / "ckpt.pt"))
     with pytest.raises(hf.HFError, match=f"{option}={value!r}"):
-        hf.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'hf'}"])
+        export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'hf'}"])
     assert not os.path.exists(tmp_path / "hf")  # refused before writing anything
 
 

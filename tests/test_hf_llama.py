@@ -14,10 +14,12 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import hf
-from dataloader import DataError
+import export
+from gpt_trainer import hf
+from gpt_trainer.dataloader import DataError
+from gpt_trainer.generate import generate
 from model import GPT, GPTConfig
-from tokenizer import HFTokenizer, get_tokenizer, tokenizer_from_meta
+from gpt_trainer.tokenizer import HFTokenizer, get_tokenizer, tokenizer_from_meta
 from trainutil import (REPO, child_env, corpus_text, need_tiktoken, one_error_line, read_metrics, run_torchrun, run_train,
                        step_losses)
 
@@ -99,8 +101,8 @@ def assert_greedy_equal(hf_model_, ours, prompt_len=4):
     idx = random_idx(ours.config.vocab_size, prompt_len, seed=2)
     n = ours.config.block_size - prompt_len
     expected = hf_greedy(hf_model_, idx, n)
-    assert torch.equal(ours.generate(idx, n, temperature=0, use_cache=True), expected)
-    assert torch.equal(ours.generate(idx, n, temperature=0, use_cache=False), expected)
+    assert torch.equal(generate(ours, idx, n, temperature=0, use_cache=True), expected)
+    assert torch.equal(generate(ours, idx, n, temperature=0, use_cache=False), expected)
 
 
 def save_ours(model, path, meta=None, config=None):
@@ -150,7 +152,7 @@ def test_import_then_export_gives_the_same_files(hf_dir, tmp_path):
     """HF -> ours -> HF: the same tensors bit for bit, a config that loads as the same model."""
     path, _ = hf_dir
     model = hf.gpt_from_hf(path)
-    _, kind = hf.export_hf(save_ours(model, str(tmp_path / "ckpt.pt")), str(tmp_path / "hf"))
+    _, kind = export.export_hf(save_ours(model, str(tmp_path / "ckpt.pt")), str(tmp_path / "hf"))
     assert kind is None  # no tokenizer in that directory
     assert_tensors_equal(safetensors_of(str(tmp_path / "hf")), safetensors_of(path))
     with open(os.path.join(path, "config.json")) as f:
@@ -189,7 +191,7 @@ def our_model(name, seed=0):
 def test_export_matches_transformers(name, tmp_path):
     model = our_model(name)
     out = str(tmp_path / "hf")
-    hf.main([f"--ckpt={save_ours(model, str(tmp_path / 'ckpt.pt'))}", f"--out={out}"])
+    export.main([f"--ckpt={save_ours(model, str(tmp_path / 'ckpt.pt'))}", f"--out={out}"])
     exported, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     exported.eval()
     assert not any(info.values()), info  # no missing, unexpected or mismatched weights
@@ -225,7 +227,7 @@ def test_export_refuses_what_llama_and_qwen3_cannot_express(tmp_path, options, m
     config = {**BASE, "n_layer": 1, "n_head": 2, "n_embd": 16, **options}
     ckpt = save_ours(GPT(GPTConfig(**config)), str(tmp_path / "ckpt.pt"))
     with pytest.raises(hf.HFError, match=message) as e:
-        hf.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'hf'}"])
+        export.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'hf'}"])
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "hf")  # refused before writing anything
 
@@ -357,7 +359,7 @@ def test_export_writes_the_tokenizer_back(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**BASE, "vocab_size": tok.vocab_size}, n_layer=1, n_head=2, n_embd=16))
     out = str(tmp_path / "hf")
-    kind = hf.export_hf(save_ours(model, str(tmp_path / "ckpt.pt"), meta=meta), out)[1]
+    kind = export.export_hf(save_ours(model, str(tmp_path / "ckpt.pt"), meta=meta), out)[1]
     assert kind == "hf"
     exported = transformers.AutoTokenizer.from_pretrained(out)
     assert exported(TEXT)["input_ids"] == reference(TEXT)["input_ids"]
@@ -416,13 +418,13 @@ def test_finetune_resume_sample_export(tmp_path, finetune_setup):
 
 
 def assert_cache_equals_recomputation(out_dir):
-    from checkpoint import build_model, load_checkpoint
+    from gpt_trainer.checkpoint import build_model, load_checkpoint
     path = os.path.join(out_dir, "ckpt.pt")
     model = build_model(load_checkpoint(path), path).eval()
     idx = random_idx(model.config.vocab_size, 5, seed=3)
     n = 2 * model.config.block_size  # past block_size: the exact window recomputes
-    full = model.generate(idx, n, temperature=0, use_cache=False)
-    assert torch.equal(model.generate(idx, n, temperature=0, use_cache=True), full)
+    full = generate(model, idx, n, temperature=0, use_cache=False)
+    assert torch.equal(generate(model, idx, n, temperature=0, use_cache=True), full)
 
 
 def greedy_sample_py(source, tok, generate):
@@ -439,11 +441,11 @@ def greedy_sample_py(source, tok, generate):
 
 
 def assert_sample_py_decodes(out_dir, model_dir):
-    from checkpoint import build_model, load_checkpoint
+    from gpt_trainer.checkpoint import build_model, load_checkpoint
     path = os.path.join(out_dir, "ckpt.pt")
     model = build_model(load_checkpoint(path), path).eval()
     greedy_sample_py(f"--out_dir={out_dir}", get_tokenizer(f"hf:{model_dir}"),
-                     lambda idx, n: model.generate(idx, n, temperature=0))
+                     lambda idx, n: generate(model, idx, n, temperature=0))
 
 
 @pytest.mark.slow
@@ -455,10 +457,10 @@ def test_sample_py_from_an_hf_dir_gives_transformers_greedy_text(finetune_setup)
 
 
 def assert_exported_like_ours(out_dir, model_dir, hf_out):
-    from checkpoint import build_model, load_checkpoint
+    from gpt_trainer.checkpoint import build_model, load_checkpoint
     path = os.path.join(out_dir, "ckpt.pt")
     ours = build_model(load_checkpoint(path), path).eval()
-    hf.main([f"--ckpt={path}", f"--out={hf_out}"])
+    export.main([f"--ckpt={path}", f"--out={hf_out}"])
     exported = transformers.AutoModelForCausalLM.from_pretrained(hf_out).eval()
     assert type(exported).__name__ == "Qwen3ForCausalLM"
     assert max_diff(exported, ours, random_idx(ours.config.vocab_size, 24)) <= 1e-4

@@ -4,7 +4,6 @@ template: the base frozen and absent from checkpoints, the optimizer holding onl
 exact resume, and the export: merged into one HF model, or as a peft adapter that
 PeftModel.from_pretrained loads onto the exported base, both with the trained model's logits.
 """
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.slow  # each case trains an imported model through train.py (~1 min on 2 cores)
 
-from checkpoint import build_model, load_checkpoint  # noqa: E402
+from gpt_trainer.checkpoint import load_checkpoint
+from gpt_trainer.loading import build_any_model as build_model  # noqa: E402
 
 LORA = dict(n_layer=None, n_head=None, n_embd=None, block_size=64, batch_size=4, gradient_accumulation_steps=2,
             lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, learning_rate=1e-2, warmup_iters=2, lr_decay_iters=8,
@@ -57,7 +57,7 @@ def test_checkpoint_holds_only_adapters_and_names_its_base(lora_run):
 def test_merged_and_peft_exports_give_the_trained_logits(lora_run, tmp_path):
     _, _, out = lora_run
     path = os.path.join(out, "ckpt.pt")
-    p = subprocess.run([sys.executable, "hf.py", f"--ckpt={path}", f"--out={tmp_path / 'merged'}",
+    p = subprocess.run([sys.executable, "export.py", f"--ckpt={path}", f"--out={tmp_path / 'merged'}",
                         f"--adapter={tmp_path / 'adapter'}"], cwd=REPO, env=child_env(), capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr

@@ -11,8 +11,9 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, sample_next
-from optim import param_groups
+from gpt_trainer.generate import KVCache, decode, decode_params, generate, generate_stream, sample_next
+from model import GPT, GPTConfig
+from gpt_trainer.optim import param_groups
 
 BLOCK = 32
 TINY = dict(block_size=BLOCK, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
@@ -59,8 +60,8 @@ def prompts(batch, length, vocab=64, seed=1):
 def test_greedy_cache_equals_full_recomputation(arch, prompt_len):
     model = tiny_model(**ARCHS[arch])
     idx = prompts(3, prompt_len)
-    cached = model.generate(idx, 80, temperature=0, use_cache=True)
-    full = model.generate(idx, 80, temperature=0, use_cache=False)
+    cached = generate(model, idx, 80, temperature=0, use_cache=True)
+    full = generate(model, idx, 80, temperature=0, use_cache=False)
     assert cached.shape == (3, prompt_len + 80)
     assert torch.equal(cached, full)
 
@@ -88,10 +89,10 @@ def test_decode_step_equals_forward(arch):
     caches = [KVCache(model.config.n_layer) for _ in range(2)]
     for cache in caches:
         model(idx[:, :5], kv_cache=cache)
-    params = model.decode_params()
+    params = decode_params(model)
     for t in range(5, 12):
         want, _ = model(idx[:, t:t + 1], kv_cache=caches[0])
-        torch.testing.assert_close(model.decode(idx[:, t:t + 1], caches[1], params), want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(decode(model, idx[:, t:t + 1], caches[1], params), want, rtol=0, atol=1e-12)
     assert caches[1].pos == 12
 
 
@@ -100,9 +101,9 @@ def test_training_mode_generation_steps_through_forward():
     model = tiny_model(dropout=0.5).train()
     calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(args[0].size(1)))
-    model.generate(prompts(1, 3), 5, generator=torch.Generator().manual_seed(0))
+    generate(model, prompts(1, 3), 5, generator=torch.Generator().manual_seed(0))
     assert calls == [3, 1, 1, 1, 1]
-    model.eval().generate(prompts(1, 3), 5)
+    generate(model.eval(), prompts(1, 3), 5)
     assert calls[5:] == [3]  # then decode() takes the steps
 
 
@@ -114,7 +115,7 @@ SAMPLINGS = [("gpt2", dict(top_k=5)), ("gpt2", dict(top_p=0.7))] + [
 def test_seeded_sampling_same_with_and_without_cache(arch, sampling):
     model = tiny_model(**ARCHS[arch])
     idx = prompts(3, 7)
-    runs = [model.generate(idx, 60, temperature=1.0, generator=torch.Generator().manual_seed(7),
+    runs = [generate(model, idx, 60, temperature=1.0, generator=torch.Generator().manual_seed(7),
                            use_cache=use_cache, **sampling) for use_cache in (True, False)]
     assert torch.equal(runs[0], runs[1])
     assert len(set(runs[0][:, 7:].flatten().tolist())) > 5  # really sampled, not a greedy loop
@@ -138,7 +139,7 @@ def test_chunked_window(arch):
     # which no context window would change
     model = tiny_model(**ARCHS[arch])
     idx = prompts(3, 7)
-    runs = {window: model.generate(idx, 90, temperature=1.0, window=window,
+    runs = {window: generate(model, idx, 90, temperature=1.0, window=window,
                                    generator=torch.Generator().manual_seed(3))
             for window in ("chunked", "exact")}
     assert runs["chunked"].shape == runs["exact"].shape == (3, 7 + 90)
@@ -148,12 +149,12 @@ def test_chunked_window(arch):
     reference = chunked_reference(model, idx, 90, torch.Generator().manual_seed(3))
     assert torch.equal(runs["chunked"], reference)
     with pytest.raises(ValueError, match="window"):
-        next(model.generate_stream(idx, 1, window="rolling"))
+        next(generate_stream(model, idx, 1, window="rolling"))
 
 
 def test_generate_rejects_prompt_longer_than_block():
     with pytest.raises(ValueError, match="block_size"):
-        tiny_model().generate(prompts(1, BLOCK + 1), 1)
+        generate(tiny_model(), prompts(1, BLOCK + 1), 1)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -180,7 +181,7 @@ def test_crop_block_size(arch):
     assert model.config.block_size == 16
     if arch == "gpt2":
         assert model.transformer.wpe.weight.shape == (16, 32)
-    assert model.generate(idx[:, :4], 30, temperature=0).shape == (2, 34)  # windows at 16 now
+    assert generate(model, idx[:, :4], 30, temperature=0).shape == (2, 34)  # windows at 16 now
     with pytest.raises(ValueError, match="block_size"):
         model(prompts(2, 17))
     with pytest.raises(ValueError, match="grow"):
@@ -288,24 +289,25 @@ def replayed(model, seq, prompt_len, generator, **sampling):
 def test_sliding_cache_equals_full_recomputation(arch, sampling):
     model = tiny_model(**ARCHS[arch])
     idx = prompts(3, 7)
-    calls, decode = [], model.decode
+    calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(args[0].size(1)))
-    model.decode = lambda token, *rest: calls.append(token.size(1)) or decode(token, *rest)
-    seq = model.generate(idx, 500, window="sliding", generator=torch.Generator().manual_seed(5), **sampling)
+    counted = lambda model, token, *rest: calls.append(token.size(1)) or decode(model, token, *rest)  # noqa: E731
+    seq = generate(model, idx, 500, window="sliding", generator=torch.Generator().manual_seed(5),
+                   decode_fn=counted, **sampling)
     assert seq.shape == (3, 507) and calls == [7] + [1] * 499  # one prefill, never a recompute
     want = replayed(model, seq, 7, torch.Generator().manual_seed(5), **sampling)
     assert torch.equal(seq[:, 7:], want)
     if sampling["temperature"]:
         assert len(set(seq[:, -100:].flatten().tolist())) > 5  # really sampled, not a greedy loop
     # within the block it is the ordinary cache
-    exact = model.generate(idx, BLOCK - 7, generator=torch.Generator().manual_seed(5), **sampling)
+    exact = generate(model, idx, BLOCK - 7, generator=torch.Generator().manual_seed(5), **sampling)
     assert torch.equal(seq[:, :BLOCK], exact)
 
 
 def test_sliding_without_cache_equals_cache():
     model = tiny_model(**ARCHS["llama_like"])
     idx = prompts(2, 3)
-    runs = [model.generate(idx, 2 * BLOCK + 5, temperature=1.0, window="sliding", use_cache=use_cache,
+    runs = [generate(model, idx, 2 * BLOCK + 5, temperature=1.0, window="sliding", use_cache=use_cache,
                            generator=torch.Generator().manual_seed(2)) for use_cache in (True, False)]
     assert torch.equal(runs[0], runs[1])
 
@@ -326,4 +328,27 @@ def test_sliding_positions_convention():
     with pytest.raises(ValueError, match="block_size"):
         model(idx)  # only when asked for
     with pytest.raises(ValueError, match="rope"):
-        next(tiny_model().generate_stream(idx[:, :4], 1, window="sliding"))
+        next(generate_stream(tiny_model(), idx[:, :4], 1, window="sliding"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama_like"])
+def test_static_cache_decode_equals_sliced_cache(arch):
+    """The CUDA graph's step (cuda_decode.StaticKVCache: buffers of block_size, the position a
+    tensor, unfilled slots masked) computes what the eager step over a sliced cache does; run
+    here on the CPU, where no graph is captured."""
+    from gpt_trainer.cuda_decode import StaticKVCache
+    from gpt_trainer.generate import KVCache, decode, decode_params
+    model = tiny_model(**ARCHS[arch])
+    prompt = prompts(2, 5)
+    with torch.no_grad():
+        sliced, static = KVCache(model.config.n_layer), KVCache(model.config.n_layer)
+        model(prompt, kv_cache=sliced)
+        model(prompt, kv_cache=static)
+        static = StaticKVCache(static.k, static.v, torch.tensor([static.pos]))
+        params = decode_params(model)
+        steps = prompts(2, 6, seed=2)
+        for t in range(6):
+            token = steps[:, t:t + 1]  # (B, 1)
+            expected, got = decode(model, token, sliced, params), decode(model, token, static, params)
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+        assert int(static.pos) == sliced.pos == 11

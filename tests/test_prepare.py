@@ -21,11 +21,11 @@ import tracemalloc
 import numpy as np
 import pytest
 
-import corpus
-import dataprep
-from dataloader import DataError, load_meta, open_dataset
+from gpt_trainer import corpus
+from gpt_trainer import dataprep
+from gpt_trainer.dataloader import DataError, load_meta, open_dataset
 from test_data import ROOT, EOT, load_module, nanogpt_char_reference, read_split, run
-from tokenizer import CharTokenizer, load_tokenizer
+from gpt_trainer.tokenizer import CharTokenizer, load_tokenizer
 from trainutil import corpus_text, need_tiktoken, one_error_line
 
 PREPARE = "data/text/prepare.py"

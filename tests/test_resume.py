@@ -21,9 +21,9 @@ from trainutil import (REPO, TRAIN, char_data, child_env, kill_tree, last_logged
                        load_ckpt, popen_train, read_metrics, run_train, step_losses, eval_losses, train_args,
                        wait_for)
 
-import checkpoint  # noqa: E402
-import metrics  # noqa: E402
-import optim  # noqa: E402
+from gpt_trainer import checkpoint  # noqa: E402
+from gpt_trainer import metrics  # noqa: E402
+from gpt_trainer import optim  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -414,7 +414,7 @@ def small_fsize():
 SAVE_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {repo!r})
-import checkpoint
+from gpt_trainer import checkpoint
 try:
     checkpoint.save_checkpoint({{"model": {{"w": torch.randn(100_000)}}, "iter_num": 2}}, {path!r})
 except checkpoint.CheckpointError as e:

@@ -19,13 +19,13 @@ from trainutil import (REPO, TRAIN, char_data, child_env, kill_tree, last_logged
                        load_ckpt, one_error_line, popen_train, read_metrics, run_train, step_losses, torchrun_cmd,
                        train_args, wait_for)
 
-import checkpoint
-import metrics
-import optim
-from checkpoint import CheckpointError
+from gpt_trainer import checkpoint
+from gpt_trainer import metrics
+from gpt_trainer import optim
+from gpt_trainer.checkpoint import CheckpointError
 from configurator import ConfigError, UserError
 from model import GPT, GPTConfig
-from runtime import resolve_device
+from gpt_trainer.runtime import resolve_device
 
 SAMPLE = os.path.join(REPO, "sample.py")
 
@@ -44,7 +44,7 @@ def release_locks():
 HOLD_LOCK = """
 import sys, time
 sys.path.insert(0, {repo!r})
-import checkpoint
+from gpt_trainer import checkpoint
 checkpoint.lock_out_dir({out!r})
 print("locked", flush=True)
 time.sleep(600)

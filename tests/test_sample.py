@@ -1,6 +1,6 @@
 """
 sample.py as a user runs it (a subprocess), on a tiny char-level checkpoint and on a local
-HF GPT-2 directory. Expected texts come from model.generate in this process: same weights,
+HF GPT-2 directory. Expected texts come from generate.generate in this process: same weights,
 same seed, same CPU kernels, so the tokens must be identical.
 """
 import os
@@ -15,6 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
+from gpt_trainer.generate import generate
 from model import GPT, GPTConfig
 from trainutil import REPO, child_env, one_error_line
 
@@ -67,7 +68,7 @@ def decode(ids):
 def reference(model, prompt, n, batch=1, **sampling):
     """The generated texts (without the prompt) that sample.py must print, one per row."""
     idx = torch.tensor([encode(prompt)] * batch)
-    out = model.generate(idx, n, generator=torch.Generator().manual_seed(1337), **sampling)
+    out = generate(model, idx, n, generator=torch.Generator().manual_seed(1337), **sampling)
     return [decode(row[idx.size(1):].tolist()) for row in out]
 
 
@@ -131,7 +132,7 @@ def test_readme_stop_blank_line_command(tmp_path):
     command = f"{shlex.quote(sys.executable)} {SAMPLE} --out_dir=. {documented}"
     p = subprocess.run(command, shell=True, executable="/bin/bash", cwd=str(tmp_path), env=child_env(),
                        capture_output=True, text=True, timeout=120)
-    out = model.generate(torch.tensor([[1]] * 3), 500, temperature=0.8, top_k=200, top_p=0.9,
+    out = generate(model, torch.tensor([[1]] * 3), 500, temperature=0.8, top_k=200, top_p=0.9,
                          generator=torch.Generator().manual_seed(1337))
     generated = ["".join("\na"[i] for i in row[1:].tolist()) for row in out]
     assert all("\n\n" in g[:100] for g in generated)  # the test can tell a stop from no stop
@@ -180,7 +181,7 @@ def test_local_hf_dir(tmp_path):
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:
         pytest.skip(f"tiktoken's gpt2 files are not available offline ({type(e).__name__})")
-    import hf
+    from gpt_trainer import hf
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=50257)
     transformers.GPT2LMHeadModel(config).save_pretrained(str(tmp_path / "hf"))
@@ -188,7 +189,7 @@ def test_local_hf_dir(tmp_path):
                    "--num_samples=1", "--max_new_tokens=12", cwd=str(tmp_path))
     model = hf.gpt_from_hf(str(tmp_path / "hf")).eval()
     prompt = enc.encode("Hello world")
-    ids = model.generate(torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):].tolist()
+    ids = generate(model, torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):].tolist()
     ids = ids[:ids.index(enc.eot_token)] if enc.eot_token in ids else ids  # a sample ends at <|endoftext|>
     assert samples_of(p) == [enc.decode(prompt + ids)]
 
@@ -197,7 +198,7 @@ def test_local_hf_dir(tmp_path):
 # in-process: how samples end, print and stream (GPT-2's BPE, scripted tokens)
 
 def gpt2_tokenizer():
-    from tokenizer import get_tokenizer
+    from gpt_trainer.tokenizer import get_tokenizer
     try:
         return get_tokenizer("gpt2")
     except Exception as e:
@@ -205,7 +206,8 @@ def gpt2_tokenizer():
 
 
 class ScriptedModel(torch.nn.Module):
-    """Stands in for GPT: generate_stream yields the given rows' tokens, column by column."""
+    """Stands in for GPT with the `scripted` fixture: generation yields the given rows' tokens,
+    column by column."""
 
     def __init__(self, rows):
         super().__init__()
@@ -219,12 +221,19 @@ class ScriptedModel(torch.nn.Module):
             yield torch.tensor([[row[t]] for row in self.rows])
 
 
+@pytest.fixture
+def scripted(monkeypatch):
+    """sample.py's generation runs a ScriptedModel's script."""
+    import sample
+    monkeypatch.setattr(sample, "generate_stream", lambda model, idx, n, *args, **kwargs: model.generate_stream(idx, n))
+
+
 def settings(**overrides):
     import sample
     return {**{k: getattr(sample, k) for k in sample.SETTINGS}, **overrides}
 
 
-def test_samples_end_at_eot_and_print_as_they_end(capsys):
+def test_samples_end_at_eot_and_print_as_they_end(capsys, scripted):
     import sample
     tok = gpt2_tokenizer()
     eot, a, b, c = tok.eot_token, *tok.encode(" one two three")
@@ -240,7 +249,7 @@ def test_samples_end_at_eot_and_print_as_they_end(capsys):
     assert printed == [texts[1], texts[2], texts[0]]  # in the order they ended
 
 
-def test_generation_stops_once_every_sample_ended():
+def test_generation_stops_once_every_sample_ended(scripted):
     import sample
     tok = gpt2_tokenizer()
     eot, a = tok.eot_token, tok.encode(" one")[0]
@@ -279,7 +288,7 @@ def test_stream_holds_back_a_possible_stop_string():
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
 def test_padded_vocab_is_never_sampled(softcap):
     import sample
-    from tokenizer import CharTokenizer
+    from gpt_trainer.tokenizer import CharTokenizer
     tok = CharTokenizer(CHARS)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=BLOCK, vocab_size=64, n_layer=1, n_head=2, n_embd=32,
@@ -287,9 +296,9 @@ def test_padded_vocab_is_never_sampled(softcap):
     with torch.no_grad():
         model.lm_head.weight[len(CHARS):] *= 100  # padding rows no tokenizer id maps to, now the likeliest
     idx = torch.tensor([encode("abc")])
-    assert model.generate(idx, 20, temperature=0).max() >= len(CHARS)
+    assert generate(model, idx, 20, temperature=0).max() >= len(CHARS)
     texts = sample.generate_samples(model, encode("abc"), tok, settings(num_samples=2, max_new_tokens=20,
                                                                         temperature=2.0, top_k=0),
                                     streaming=False, ctx=nullcontext())
     assert all(set(t) <= set(CHARS) for t in texts)
-    assert model.generate(idx, 20, temperature=0, vocab_limit=len(CHARS)).max() < len(CHARS)
+    assert generate(model, idx, 20, temperature=0, vocab_limit=len(CHARS)).max() < len(CHARS)

@@ -18,14 +18,14 @@ from trainutil import (REPO, TRAIN, char_data, eval_losses, one_error_line, read
 
 import sys  # noqa: E402
 
-import checkpoint  # noqa: E402
+from gpt_trainer import checkpoint  # noqa: E402
 import configurator  # noqa: E402
 import train  # noqa: E402  (SETTINGS only: the script is under `if __name__ == "__main__"`)
 from configurator import ConfigError  # noqa: E402
-from optim import get_lr  # noqa: E402
-from runtime import derive_grad_accum  # noqa: E402
-from dataloader import TokenFile, get_batch, load_meta, open_dataset  # noqa: E402
-from evaluate import estimate_loss  # noqa: E402
+from gpt_trainer.optim import get_lr  # noqa: E402
+from gpt_trainer.runtime import derive_grad_accum  # noqa: E402
+from gpt_trainer.dataloader import TokenFile, get_batch, load_meta, open_dataset  # noqa: E402
+from gpt_trainer.evaluation import estimate_loss  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # get_lr
@@ -333,7 +333,7 @@ def test_eval_only(tmp_path, best_run, char_data):
 # a few training steps of a small model; prints the page faults of the last 10
 PAGE_FAULTS = """
 import resource, sys, torch
-from runtime import keep_freed_memory
+from gpt_trainer.runtime import keep_freed_memory
 from model import GPT, GPTConfig
 if sys.argv[1] == "keep":
     keep_freed_memory()

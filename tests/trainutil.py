@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from metrics import read_metrics  # noqa: F401
+from gpt_trainer.metrics import read_metrics  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "train.py")
@@ -30,8 +30,8 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, eval_it
 def need_tiktoken(*names):
     """Skip (saying what to provide) when tiktoken cannot load an encoding: it is downloaded
     on first use, and a fresh offline clone has no cache."""
-    from dataloader import DataError
-    from tokenizer import get_tokenizer
+    from gpt_trainer.dataloader import DataError
+    from gpt_trainer.tokenizer import get_tokenizer
     for name in names:
         try:
             get_tokenizer(name)

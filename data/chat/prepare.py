@@ -34,14 +34,15 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from chat_data import conversations  # noqa: E402
-from chat_template import DefaultChat, HFChat, hf_tokenizer_from_dir  # noqa: E402
+from gpt_trainer.chat_data import conversations  # noqa: E402
+from gpt_trainer.chat_template import DefaultChat, HFChat, hf_tokenizer_from_dir  # noqa: E402
 from configurator import ArgumentParser, install_error_hook  # noqa: E402
-from corpus import REPLACED, BadRecord, find_inputs, report_problems  # noqa: E402
-from dataloader import DataError, dtype_for_vocab  # noqa: E402
-from dataprep import (TokenWriter, commit_data_dir, dataset_meta, discard_partials, interruptible,  # noqa: E402
+from gpt_trainer.corpus import REPLACED, BadRecord, find_inputs, report_problems  # noqa: E402
+from gpt_trainer.dataloader import dtype_for_vocab
+from gpt_trainer.errors import DataError  # noqa: E402
+from gpt_trainer.dataprep import (TokenWriter, commit_data_dir, dataset_meta, discard_partials, interruptible,  # noqa: E402
                       partial_path, report)
-from tokenizer import CharTokenizer, HFTokenizer, get_tokenizer, train_bpe  # noqa: E402
+from gpt_trainer.tokenizer import CharTokenizer, HFTokenizer, get_tokenizer, train_bpe  # noqa: E402
 
 MASKS = ("train_mask.bin", "val_mask.bin")
 
@@ -94,7 +95,7 @@ def make_chat(args, sources, bad, chars):
     elif args.encoding.startswith("bpe:"):
         texts = (m["content"] for conv in good_conversations(sources, args, bad) for m in conv)
         train_bpe(texts, args.bpe_vocab, partial_path(args.out_dir, "tokenizer.json"))
-        from tokenizer import BPETokenizer
+        from gpt_trainer.tokenizer import BPETokenizer
         tok = BPETokenizer(partial_path(args.out_dir, "tokenizer.json"))
     else:
         tok = get_tokenizer(args.encoding)

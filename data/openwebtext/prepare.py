@@ -19,10 +19,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from configurator import install_error_hook  # noqa: E402
-from dataloader import DataError  # noqa: E402
-from dataprep import (TokenWriter, commit_data_dir, dataset_meta, encode_chunks,  # noqa: E402
-                      interruptible, progress, report, script_args, write_json)
-from tokenizer import TiktokenTokenizer  # noqa: E402
+from gpt_trainer.dataprep import (TokenWriter, commit_data_dir, dataset_meta, encode_chunks,  # noqa: E402
+                                  interruptible, progress, report, script_args)
+from gpt_trainer.errors import DataError  # noqa: E402
+from gpt_trainer.fsutil import write_json  # noqa: E402
+from gpt_trainer.tokenizer import TiktokenTokenizer  # noqa: E402
 
 DOCS_PER_CHUNK = 1024  # ~5 MB of text per encoder task
 

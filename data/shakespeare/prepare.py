@@ -9,8 +9,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from configurator import install_error_hook  # noqa: E402
-from dataprep import fetch_text, script_args, write_dataset  # noqa: E402
-from tokenizer import TiktokenTokenizer  # noqa: E402
+from gpt_trainer.dataprep import fetch_text, script_args, write_dataset  # noqa: E402
+from gpt_trainer.tokenizer import TiktokenTokenizer  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 

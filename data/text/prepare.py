@@ -59,11 +59,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from configurator import ArgumentParser, install_error_hook  # noqa: E402
-from corpus import BadRecord, find_inputs, scan_inputs  # noqa: E402
-from dataloader import DataError  # noqa: E402
-from dataprep import (PROGRESS, ResumeState, collect_chars, discard_partials, fit_bpe,  # noqa: E402
-                      group_chunks, interruptible, partial_path, write_stream)
-from tokenizer import BPETokenizer, CharTokenizer, get_tokenizer  # noqa: E402
+from gpt_trainer.corpus import BadRecord, find_inputs, scan_inputs  # noqa: E402
+from gpt_trainer.dataprep import (PROGRESS, ResumeState, collect_chars, discard_partials, fit_bpe,  # noqa: E402
+                                  group_chunks, interruptible, partial_path, write_stream)
+from gpt_trainer.errors import DataError  # noqa: E402
+from gpt_trainer.tokenizer import BPETokenizer, CharTokenizer, get_tokenizer  # noqa: E402
 
 CHUNK_BYTES = 4 << 20  # text per encoder task: big enough to amortize IPC, small to bound RAM
 # ----------------------------------------------------------------------------------------

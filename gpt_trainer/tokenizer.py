@@ -20,7 +20,8 @@ import shutil
 
 import numpy as np
 
-from dataloader import DataError, dtype_for_vocab, fingerprint, load_meta, tokenizer_fingerprint
+from gpt_trainer.dataloader import dtype_for_vocab, fingerprint, load_meta, tokenizer_fingerprint
+from gpt_trainer.errors import DataError
 
 EOT = "<|endoftext|>"
 

@@ -12,7 +12,7 @@ an error naming it (--errors=strict), or left out and counted (--errors=skip).
 """
 import json
 
-from corpus import BadRecord, decode, fix_surrogates, open_binary
+from gpt_trainer.corpus import BadRecord, decode, fix_surrogates, open_binary
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
@@ -20,7 +20,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 def to_messages(record):
     """The record's conversation as messages; raises ValueError naming what is wrong."""
-    from chat_template import BadConversation, check_messages
+    from gpt_trainer.chat_template import BadConversation, check_messages
     if not isinstance(record, dict):
         raise BadConversation("a record must be a JSON object")
     if "messages" in record:

@@ -25,7 +25,7 @@ import re
 import torch
 import torch.nn as nn
 
-from configurator import ConfigError, UserError
+from gpt_trainer.errors import ConfigError, UserError
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 # our target -> Llama/Qwen3 modules, each taking a slice of the rows of B
@@ -113,18 +113,17 @@ def base_fingerprint(model):
     return "sha256:" + h.hexdigest()
 
 
-def build_lora_model(ckpt, path):
-    """The model of a LoRA checkpoint: its base rebuilt from ckpt['lora']['base'] (an HF dir or
-    GPT-2 name), checked against the fingerprint, then the adapters loaded."""
-    from hf import gpt_from_hf
-    from sft import grow_vocab
+def build_lora_model(ckpt, path, gpt_from_hf):
+    """The model of a LoRA checkpoint: its base rebuilt by gpt_from_hf (hf.py's) from
+    ckpt['lora']['base'] (an HF dir or GPT-2 name), checked against the fingerprint, then the
+    adapters loaded."""
     info = ckpt["lora"]
     args = ckpt["model_args"]
     if not (os.path.isdir(info["base"]) or info["base"].startswith("gpt2")):
         raise LoRAError(f"{path}: its base model {info['base']} is not found; LoRA checkpoints hold only the "
                         f"adapters, so the base must stay where training read it")
     model = gpt_from_hf(info["base"], dropout=args.get("dropout"))
-    grow_vocab(model, args["vocab_size"])
+    model.grow_vocab(args["vocab_size"])
     if args["block_size"] < model.config.block_size:
         model.crop_block_size(args["block_size"])
     if base_fingerprint(model) != info["base_fingerprint"]:

@@ -17,8 +17,8 @@ import os
 import re
 import sys
 
-from dataloader import DataError
-from dataprep import PROGRESS, check_interrupted, progress
+from gpt_trainer.dataprep import PROGRESS, check_interrupted, progress
+from gpt_trainer.errors import DataError
 
 COMPRESSION = (".gz", ".xz", ".bz2", ".zst")
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}

@@ -18,16 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from configurator import UserError
+from gpt_trainer.errors import DataError
 
 # torch is imported inside the functions that use it: the data/*/prepare.py scripts only
 # need metadata and DataError from here, and importing torch costs them seconds.
 
 SAMPLING_MODES = ("random", "epoch")
-
-
-class DataError(UserError):
-    """Bad or missing data: reported to the user as one line."""
 
 
 class _PlainUnpickler(pickle.Unpickler):

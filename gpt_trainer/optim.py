@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from configurator import ConfigError
+from gpt_trainer.errors import ConfigError
 
 
 def get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters, schedule="cosine", decay_frac=0.2):

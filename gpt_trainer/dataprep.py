@@ -28,8 +28,10 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import ArgumentParser
-from dataloader import DataError, dtype_for_vocab
-from tokenizer import CharTokenizer, tokenizer_from_meta, train_bpe
+from gpt_trainer.dataloader import dtype_for_vocab
+from gpt_trainer.errors import DataError
+from gpt_trainer.fsutil import download, fsync_dir, write_json
+from gpt_trainer.tokenizer import CharTokenizer, tokenizer_from_meta, train_bpe
 
 META = "meta.json"
 PROGRESS = "prepare.progress.json"  # a --resume run's record of what is already done
@@ -128,26 +130,8 @@ def _worker_signals():
 # files of a data dir: written as .partial, committed together
 
 
-def fsync_dir(path):
-    """Make the entries of directory `path` (a rename into it, say) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def partial_path(out_dir, name):
     return os.path.join(out_dir, name + ".partial")
-
-
-def write_json(path, obj):
-    """Write path atomically: readers see the old file or the new one, never half of one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
 
 
 class TokenWriter:
@@ -552,23 +536,6 @@ def script_args(script_file, description, url=None, argv=None, **options):
     for name, default in options.items():
         p.add_argument(f"--{name}", default=default, type=type(default) if default else str)
     return p.parse_args(argv)
-
-
-def download(url, path):
-    """url to path, through a temporary file of this process so that no rank reads half a file."""
-    import urllib.request
-    print(f"downloading {url} to {path}", file=sys.stderr)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r:
-            data = r.read()
-    except OSError as e:
-        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}); put the file at {path} "
-                        f"and re-run")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def fetch_text(path, url):

@@ -11,7 +11,6 @@ A training run owns its out_dir while it runs (a lock), never starts over anothe
 checkpoints unless told to, and saves and restores its resume point through the functions
 below, which take everything they use as arguments.
 """
-import errno
 import fcntl
 import os
 import pickle
@@ -25,14 +24,36 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import UserError
-from dataprep import fsync_dir  # torch-free, so prepare scripts share it without torch
+from gpt_trainer.errors import CheckpointError
+from gpt_trainer.fsutil import fsync_dir, write_failure
+from gpt_trainer.metrics import METRICS
+from gpt_trainer.runtime import full_state_dict
 from model import GPT, GPTConfig
-from runtime import full_state_dict
 
 
-class CheckpointError(UserError):
-    """A checkpoint that cannot be written or used: reported to the user as one line."""
+# -----------------------------------------------------------------------------
+# the files of a run's out_dir, named here only (metrics.jsonl is metrics.py's)
+
+CKPT = "ckpt.pt"  # the latest state: what a resume reads
+BEST = "best.pt"  # the weights with the best val loss (always_save_checkpoint=False)
+SHARDED = "ckpt_dcp"  # FSDP2's sharded checkpoints: iter_N/ steps and a `latest` pointer
+LOCK = ".lock"  # held by the run that owns out_dir
+
+
+def ckpt_path(out_dir):
+    return os.path.join(out_dir, CKPT)
+
+
+def best_path(out_dir):
+    return os.path.join(out_dir, BEST)
+
+
+def inference_path(out_dir, ckpt="auto"):
+    """The checkpoint to sample or evaluate: ckpt when given, else best.pt (written only when it
+    beat every earlier eval) when it exists, else ckpt.pt."""
+    if ckpt != "auto":
+        return ckpt
+    return best_path(out_dir) if os.path.exists(best_path(out_dir)) else ckpt_path(out_dir)
 
 
 def assert_finite(state_dict, path):
@@ -59,7 +80,7 @@ def lock_out_dir(out_dir):
         raise CheckpointError(f"out_dir={out_dir} is a file, not a directory; pick another --out_dir")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, ".lock"), "a+")
+        f = open(os.path.join(out_dir, LOCK), "a+")
     except OSError as e:
         raise CheckpointError(f"cannot use out_dir={out_dir}: {write_failure(e)}")
     try:
@@ -85,8 +106,8 @@ def resume_point(out_dir, fsdp=False):
     """The checkpoint this kind of run resumes from in out_dir (ckpt.pt; the sharded ckpt_dcp
     with fsdp), or None."""
     if fsdp:
-        return os.path.join(out_dir, "ckpt_dcp") if sharded_dir(out_dir) else None
-    path = os.path.join(out_dir, "ckpt.pt")
+        return os.path.join(out_dir, SHARDED) if sharded_dir(out_dir) else None
+    path = ckpt_path(out_dir)
     return path if os.path.exists(path) else None
 
 
@@ -100,9 +121,9 @@ def check_start(out_dir, init_from, overwrite, fsdp=False):
         init_from = "resume" if resume_point(out_dir, fsdp) else "scratch"
     if init_from == "resume" or overwrite:
         return init_from
-    found = [name for name in ("ckpt.pt", "best.pt") if os.path.exists(os.path.join(out_dir, name))]
-    found += ["ckpt_dcp"] if sharded_dir(out_dir) else []  # a complete one: a torn first save is no run
-    if found and not (auto and found == ["best.pt"]):
+    found = [name for name in (CKPT, BEST) if os.path.exists(os.path.join(out_dir, name))]
+    found += [SHARDED] if sharded_dir(out_dir) else []  # a complete one: a torn first save is no run
+    if found and not (auto and found == [BEST]):
         raise CheckpointError(f"{out_dir} already holds {found[0]} and init_from="
                               f"{'auto' if auto else init_from!r} would start over it; continue it with "
                               f"--init_from=resume (or --init_from=auto), pick another --out_dir, or "
@@ -133,7 +154,7 @@ def start_over(out_dir):
     """Remove what an earlier run left (claim_out_dir allowed it): nothing in out_dir may then be
     mistaken for this run's, such as a best.pt that sample.py would prefer over the new ckpt.pt."""
     removed = []
-    for name in ("ckpt.pt", "best.pt", "ckpt_dcp", "metrics.jsonl"):
+    for name in (CKPT, BEST, SHARDED, METRICS):
         path = os.path.join(out_dir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -152,26 +173,13 @@ def last_saved(out_dir, fsdp=False):
     if path is None:
         return f"no checkpoint has been written to {out_dir} yet"
     try:
-        if path.endswith("ckpt_dcp"):
+        if path.endswith(SHARDED):
             it = int(os.path.basename(sharded_dir(out_dir)).removeprefix("iter_"))
         else:
             it = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iter_num"]
         return f"{path} (iter {it}) is intact; resume with --init_from=resume"
     except Exception:  # only words for a message: the path alone will do
         return f"{path} is the last checkpoint"
-
-
-def write_failure(e):
-    """Why a write failed, in words. torch.save reports a short write as a RuntimeError whose
-    context holds the OSError with the reason, so the chain is searched for an errno."""
-    reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-               errno.EFBIG: "file too large (the file size limit, ulimit -f, or the filesystem's)"}
-    cause = e
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.errno:
-            return reasons.get(cause.errno, os.strerror(cause.errno).lower())
-        cause = cause.__cause__ or cause.__context__
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
 def temp_name(path):
@@ -281,9 +289,9 @@ def build_model(ckpt, path, dropout=None):
     args = dict(ckpt["model_args"])
     if dropout is not None:
         args["dropout"] = dropout
-    if ckpt.get("lora"):  # adapters only: the base is rebuilt from where training read it
-        from lora import build_lora_model
-        return build_lora_model({**ckpt, "model_args": args}, path)
+    if ckpt.get("lora"):
+        raise CheckpointError(f"{path} holds LoRA adapters only; build it with gpt_trainer.loading.build_any_model, "
+                              f"which rebuilds its base")
     model = GPT(model_config(args, path))
     try:
         model.load_state_dict(ckpt["model"])
@@ -334,9 +342,9 @@ NANOGPT_MODEL_ARGS = {"n_layer", "n_head", "n_embd", "block_size", "bias", "voca
 def load_resume_point(out_dir, fsdp=False):
     """out_dir's resume point (ckpt.pt; ckpt_dcp with fsdp), with every key a resume needs checked."""
     if fsdp:
-        path, ckpt = os.path.join(out_dir, "ckpt_dcp"), load_sharded_state(out_dir)
+        path, ckpt = os.path.join(out_dir, SHARDED), load_sharded_state(out_dir)
     else:
-        path = os.path.join(out_dir, "ckpt.pt")
+        path = ckpt_path(out_dir)
         ckpt = load_checkpoint(path)
         if "optimizer" not in ckpt:
             raise CheckpointError(f"{path} has no optimizer state (written as best.pt or by consolidate), "
@@ -458,7 +466,7 @@ def write_on_rank0(state, path, device):
 def saved_weights(model):
     """What a checkpoint keeps of the model: its state, or with LoRA only the adapters."""
     if hasattr(model, "lora"):
-        from lora import adapter_state_dict
+        from gpt_trainer.lora import adapter_state_dict
         return adapter_state_dict(model)
     return model.state_dict()
 
@@ -497,11 +505,11 @@ def save_weights(path, model, fsdp=False, **progress):
 
 def sharded_dir(out_dir):
     """The latest complete sharded checkpoint in out_dir, or None."""
-    pointer = os.path.join(out_dir, "ckpt_dcp", "latest")
+    pointer = os.path.join(out_dir, SHARDED, "latest")
     if not os.path.exists(pointer):
         return None
     with open(pointer) as f:
-        return os.path.join(out_dir, "ckpt_dcp", f.read().strip())
+        return os.path.join(out_dir, SHARDED, f.read().strip())
 
 
 def save_sharded(model, optimizers, state, out_dir, rank):
@@ -509,18 +517,19 @@ def save_sharded(model, optimizers, state, out_dir, rank):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    finite = torch.tensor(float(all(torch.isfinite(t).all() for t in local)))
+    # on the weights' device: NCCL reduces no CPU tensors
+    finite = torch.tensor(float(all(torch.isfinite(t).all() for t in local)), device=local[0].device)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
         raise CheckpointError(f"not writing a checkpoint to {out_dir}/ckpt_dcp: weights hold NaN/inf; "
                               f"the previous checkpoint is kept")
     name = f"iter_{state['iter_num']:08d}"
-    step_dir = os.path.join(out_dir, "ckpt_dcp", name)
+    step_dir = os.path.join(out_dir, SHARDED, name)
     model_sd, optim_sd = get_state_dict(model, optimizers)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=step_dir)
     if rank == 0:
         save_checkpoint(state, os.path.join(step_dir, "state.pt"))
-        pointer = os.path.join(out_dir, "ckpt_dcp", "latest")
+        pointer = os.path.join(out_dir, SHARDED, "latest")
         with open(pointer + ".tmp", "w") as f:
             f.write(name)
             f.flush()
@@ -573,15 +582,6 @@ def consolidate(out_dir, path=None):
         full = torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=True)
     keep = ("model_args", "iter_num", "best_val_loss", "config", "meta")
     ckpt = {"model": full["model"], **{k: state[k] for k in keep if k in state}}
-    path = path or os.path.join(out_dir, "ckpt.pt")
+    path = path or ckpt_path(out_dir)
     save_checkpoint(ckpt, path)
     return path
-
-
-if __name__ == "__main__":
-    from configurator import install_error_hook
-    install_error_hook()
-    if len(sys.argv) not in (3, 4) or sys.argv[1] != "consolidate":
-        raise UserError("usage: python checkpoint.py consolidate OUT_DIR [CKPT_PATH]  "
-                        "(FSDP sharded checkpoint -> one ckpt.pt for sample.py and hf.py)")
-    print(f"wrote {consolidate(*sys.argv[2:])}")

@@ -13,17 +13,14 @@ frequencies. What our GPT cannot compute (rope scaling, sliding windows, ...) is
 name, never dropped.
 
     model = gpt_from_hf("gpt2")          # GPT-2 from the hub, or a local dir of any of the three
-    python hf.py --ckpt=out/ckpt.pt --out=out/hf   # a checkpoint -> a transformers directory
+    python export.py --ckpt=out/ckpt.pt --out=out/hf   # a checkpoint -> a transformers directory
 """
 import json
 import os
-import sys
-from dataclasses import asdict
 
 import torch
 
-from checkpoint import build_model, load_checkpoint
-from configurator import ArgumentParser, UserError, install_error_hook
+from gpt_trainer.errors import HFError
 from model import GPT, GPTConfig
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -54,10 +51,6 @@ LLAMA_LAYER = {
 }
 LLAMA_TOP = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight",
              "lm_head.weight": "lm_head.weight"}
-
-
-class HFError(UserError):
-    """A model that cannot move between Hugging Face and our GPT: reported to the user as one line."""
 
 
 def check_hf_overrides(overrides):
@@ -291,7 +284,7 @@ def llama_from_hf(hf_dir, dropout=None):
 def hf_tokenizer(name_or_dir):
     """The tokenizer of what gpt_from_hf loads: the directory's tokenizer.json when it has one,
     else GPT-2's (tiktoken)."""
-    from tokenizer import get_tokenizer
+    from gpt_trainer.tokenizer import get_tokenizer
     if os.path.isdir(name_or_dir) and os.path.exists(os.path.join(name_or_dir, "tokenizer.json")):
         return get_tokenizer(f"hf:{name_or_dir}")
     return get_tokenizer("gpt2")
@@ -392,7 +385,7 @@ def checkpoint_tokenizer_files(meta):
         return None
     config = meta.get("tokenizer_config")
     if not config:  # our bpe: its end-of-text token is the only special one
-        from tokenizer import EOT
+        from gpt_trainer.tokenizer import EOT
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": EOT}
     return meta["tokenizer_json"], config
 
@@ -444,80 +437,3 @@ def export_gpt2(model, out_dir, source):
                       f"unexpected {unexpected})")
     os.makedirs(out_dir, exist_ok=True)
     hf_model.save_pretrained(out_dir)  # safetensors, with the tied head stored once
-
-
-def export_hf(ckpt_path, out_dir, adapter_dir=None):
-    """Export one of our checkpoints with its tokenizer: the HF or bpe tokenizer its data was
-    encoded with, or GPT-2's files when its data was GPT-2 BPE, and the chat template of chat
-    data. A LoRA checkpoint is merged; with adapter_dir its adapter is also written there for
-    peft, with the unmerged base as an HF model in adapter_dir/base. Returns (model, what
-    tokenizer was written: 'hf', 'bpe', 'gpt2' or None)."""
-    ckpt = load_checkpoint(ckpt_path)
-    model = build_model(ckpt, ckpt_path)
-    if adapter_dir and not hasattr(model, "lora"):
-        raise HFError(f"{ckpt_path} was not trained with LoRA (lora_rank=0): it has no adapter to export")
-    meta = ckpt.get("meta") or {}
-    tokenizer, kind = checkpoint_tokenizer_files(meta), meta.get("encoding")
-    from_gpt2 = str((ckpt.get("config") or {}).get("init_from", "")).startswith("gpt2")
-    if tokenizer is None and (kind == "gpt2" or from_gpt2):
-        tokenizer, kind = "gpt2", "gpt2"
-    if tokenizer == "gpt2":
-        read_gpt2_tokenizer_files()  # fail before writing anything
-    if adapter_dir:
-        import lora
-        base = GPT(GPTConfig(**asdict(model.config)))
-        base.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))})
-        export_model(base, os.path.join(adapter_dir, "base"), tokenizer, source=ckpt_path)
-        export_chat_template(os.path.join(adapter_dir, "base"), meta, tokenizer)
-        lora.export_adapter(model, adapter_dir, os.path.join(adapter_dir, "base"))
-    if hasattr(model, "lora"):
-        from lora import merge
-        merge(model)
-    export_model(model, out_dir, tokenizer, source=ckpt_path)
-    export_chat_template(out_dir, meta, tokenizer)
-    return model, kind if tokenizer else None
-
-
-def export_chat_template(out_dir, meta, tokenizer):
-    """Give the exported tokenizer the chat template of the checkpoint's chat data: an HF
-    template as it was, our default one with its special tokens added (GPT-2 and bpe: they
-    take the ids after the vocabulary, the ids training used)."""
-    chat = meta.get("chat")
-    if not chat or tokenizer is None:
-        return
-    from transformers import AutoTokenizer
-
-    from chat_template import DEFAULT_JINJA, SPECIALS
-    tok = AutoTokenizer.from_pretrained(out_dir)
-    if chat["template"] == "hf":
-        tok.chat_template = chat["chat_template"]
-    else:
-        tok.add_special_tokens({"additional_special_tokens": SPECIALS})
-        ids = tok.convert_tokens_to_ids(SPECIALS)
-        if ids != [chat["special_tokens"][s] for s in SPECIALS]:
-            raise HFError(f"the exported tokenizer gives the chat template's tokens ids {ids}, training used "
-                          f"{list(chat['special_tokens'].values())}")
-        tok.chat_template = DEFAULT_JINJA
-    tok.save_pretrained(out_dir)
-
-
-def main(argv):
-    parser = ArgumentParser(description="Export a checkpoint as a Hugging Face directory (GPT-2, "
-                                        "Llama or Qwen3, by its architecture).")
-    parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to export")
-    parser.add_argument("--out", default="out/hf", help="directory to write (config.json, model.safetensors)")
-    parser.add_argument("--adapter", default=None, help="LoRA checkpoints: also write the peft adapter here "
-                                                         "(and the unmerged base model in ADAPTER/base)")
-    args = parser.parse_args(argv)
-    model, tokenizer = export_hf(args.ckpt, args.out, args.adapter)
-    n = sum(p.numel() for p in model.parameters())
-    with open(os.path.join(args.out, "config.json")) as f:
-        arch = json.load(f)["architectures"][0]
-    print(f"wrote {args.out}: {arch}, {n / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
-          f"{f'its {tokenizer} tokenizer' if tokenizer else 'no tokenizer (its data has no HF or GPT-2 one)'}; "
-          f"load it with transformers.AutoModelForCausalLM.from_pretrained({args.out!r})")
-
-
-if __name__ == "__main__":
-    install_error_hook()
-    main(sys.argv[1:])

@@ -22,8 +22,8 @@ import json
 
 import numpy as np
 
-from configurator import UserError
-from dataloader import fingerprint
+from gpt_trainer.dataloader import fingerprint
+from gpt_trainer.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -181,7 +181,7 @@ def chat_from_meta(meta, data_dir=None, source="the dataset"):
             with open(os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.json"))) as f:
                 meta = {**meta, "tokenizer_json": f.read()}
         return HFChat(hf_tokenizer_from_meta(meta), source)
-    from tokenizer import tokenizer_from_meta
+    from gpt_trainer.tokenizer import tokenizer_from_meta
     return DefaultChat(tokenizer_from_meta(meta, data_dir))
 
 

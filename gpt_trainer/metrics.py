@@ -7,8 +7,10 @@ import math
 import os
 import sys
 
-from checkpoint import write_failure
-from configurator import UserError
+from gpt_trainer.errors import UserError
+from gpt_trainer.fsutil import write_failure
+
+METRICS = "metrics.jsonl"  # in out_dir: one JSON object per log line or eval
 
 
 def append_metrics(path, record):
@@ -47,7 +49,7 @@ def parse_metrics(path):
 
 def read_metrics(out_dir):
     """The records of out_dir/metrics.jsonl, oldest first; [] before the first one."""
-    path = os.path.join(out_dir, "metrics.jsonl")
+    path = os.path.join(out_dir, METRICS)
     return [record for _, record in parse_metrics(path)[0]] if os.path.exists(path) else []
 
 
@@ -91,7 +93,7 @@ class MetricsLogger:
 
     def __init__(self, out_dir, start_iter, config=None, wandb_log=False, wandb_project="",
                  wandb_run_name="", tensorboard=False):
-        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.path = os.path.join(out_dir, METRICS)
         truncate_metrics(self.path, start_iter)
         self.wandb = self.tb = None
         if wandb_log:

@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dataloader import BatchLoader, DataError, TokenFile, random_starts, read_windows
-from evaluate import EVAL_SEED, sum_dtype
+from gpt_trainer.dataloader import BatchLoader, TokenFile, random_starts, read_windows
+from gpt_trainer.errors import DataError
+from gpt_trainer.evaluation import EVAL_SEED, sum_dtype
 
 
 def open_masks(data_dir, meta, splits):
@@ -117,23 +118,3 @@ def estimate_masked_loss(model, splits, masks, block_size, batch_size, eval_iter
     model.train(was_training)
     return out
 
-
-def grow_vocab(model, vocab_size, multiple=64):
-    """Give model rows for ids up to vocab_size (a chat template's special ids past an HF
-    GPT-2's 50257), rounded up to a multiple of 64; new rows start at the mean embedding."""
-    old = model.config.vocab_size
-    if vocab_size <= old:
-        return False
-    new = -(-vocab_size // multiple) * multiple
-    wte, head = model.transformer.wte, model.lm_head
-    with torch.no_grad():
-        weight = torch.cat([wte.weight, wte.weight.mean(0, keepdim=True).expand(new - old, -1)])
-        wte.weight = torch.nn.Parameter(weight)
-        wte.num_embeddings = new
-        if model.config.tie_embeddings:
-            head.weight = wte.weight
-        else:
-            head.weight = torch.nn.Parameter(torch.cat([head.weight, head.weight.new_zeros(new - old, head.in_features)]))
-        head.out_features = new
-    model.config.vocab_size = new
-    return True

@@ -1,0 +1,164 @@
+"""
+Generation from a GPT: a KV cache, the decode step (forward() for one new token, written
+over plain tensors for speed) and sampling, used by sample.py, evaluate.py's callers and
+bench.py. The model's forward() takes a KVCache to prefill it or to continue it; everything
+that decides what comes next lives here.
+"""
+import torch
+from torch.nn import functional as F
+
+from gpt_trainer.cpu_kernels import attention, decoding
+from model import activate, apply_rope
+
+WINDOWS = ("exact", "chunked", "sliding")  # generation past block_size, see generate_stream
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, (B, n_kv_head, block_size, hs)
+    each, filled by a prefill and then one token per decode step. Past block_size (RoPE only,
+    one token at a time) it is a ring: a new token replaces the oldest, so the cache holds the
+    last block_size tokens, which one query attends to in any order."""
+
+    mask = None  # every cached slot is attended to (a StaticKVCache masks the unfilled ones)
+
+    def __init__(self, n_layer):
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.pos = 0  # tokens already cached (the absolute position of the next one)
+
+    def update(self, layer, k, v, size):
+        if self.k[layer] is None:
+            B, nkv, _, hs = k.shape
+            self.k[layer] = k.new_zeros(B, nkv, size, hs)
+            self.v[layer] = v.new_zeros(B, nkv, size, hs)
+        T = k.size(2)
+        slot = self.pos % size if self.pos + T > size else self.pos
+        self.k[layer][:, :, slot:slot + T] = k
+        self.v[layer][:, :, slot:slot + T] = v
+        end = min(self.pos + T, size)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def norm(x, params, name, config):
+    """What the norm module `name` (make_norm's) computes, from its parameters in `params`."""
+    weight = params[name + ".weight"]
+    if config.norm == "rmsnorm":
+        return F.rms_norm(x, (x.size(-1),), weight, config.norm_eps)
+    return F.layer_norm(x, (x.size(-1),), weight, params.get(name + ".bias"), config.norm_eps)
+
+
+def linear(x, params, name):
+    return F.linear(x, params[name + ".weight"], params.get(name + ".bias"))
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, V): greedy at temperature 0, else top-k and/or
+    nucleus (top-p) sampling. Returns (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits, ids = logits.float() / temperature, None
+    V = logits.size(-1)
+    if (top_k and top_k < V) or (top_p is not None and top_p < 1.0):
+        logits, ids = torch.topk(logits, min(top_k or V, V))  # the candidates, most likely first
+    probs = logits.softmax(dim=-1)
+    if top_p is not None and top_p < 1.0:  # keeps the token that crosses top_p
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    # exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) is i with probability p_i / sum(p)
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-30)
+    choice = probs.div_(race).argmax(dim=-1, keepdim=True)
+    return choice if ids is None else ids.gather(-1, choice)
+
+
+def decode_params(model):
+    """Per block, its parameters by name ('attn.c_attn.weight', ...), as decode() reads them."""
+    return [dict(block.named_parameters()) for block in model.transformer.h]
+
+
+def decode(model, token, cache, params):
+    """Logits (B, 1, V) for token (B, 1) after the tokens in cache: forward() in eval mode
+    for one position, written over plain tensors (params from decode_params()). At batch 1
+    a step's matmuls are small, so the modules' calls and parameter lookups would be a large
+    share of its time (bench.py --sample --profile)."""
+    cfg, pos, B = model.config, cache.pos, token.size(0)
+    nh, nkv, hs = cfg.n_head, cfg.kv_heads, cfg.head_size
+    x = F.embedding(token, model.transformer.wte.weight)  # (B, 1, C)
+    rope = None
+    if cfg.pos_emb == "learned":  # pos: an int, or a (1,) tensor for a CUDA graph's StaticKVCache
+        x = x + model.transformer.wpe.weight[pos]
+    elif isinstance(pos, int):
+        rope = model.rope_at(pos, 1)
+    else:
+        rope = model.rope_cos[pos], model.rope_sin[pos]
+    for layer, p in enumerate(params):
+        qkv = linear(norm(x, p, "ln_1", cfg), p, "attn.c_attn").view(B, nh + 2 * nkv, 1, hs)
+        q, k, v = qkv.split([nh, nkv, nkv], dim=1)  # (B, nh|nkv, 1, hs)
+        if cfg.qk_norm:
+            q, k = norm(q, p, "attn.q_norm", cfg), norm(k, p, "attn.k_norm", cfg)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = cache.update(layer, k, v, cfg.block_size)
+        y = attention(q, k, v, cache.mask, False, 0.0, nkv != nh)  # one query sees the whole cache
+        x = x + linear(y.view(B, 1, nh * hs), p, "attn.c_proj")  # (B, nh, 1, hs) as (B, 1, nh*hs)
+        h = activate(cfg.mlp, linear(norm(x, p, "ln_2", cfg), p, "mlp.c_fc"))
+        x = x + linear(h, p, "mlp.c_proj")
+    cache.pos += 1
+    return model.head(x)
+
+
+@torch.inference_mode()
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                    generator=None, use_cache=True, window="exact", vocab_limit=None, cuda_graphs=True,
+                    decode_fn=None):
+    """Yield the next token for every row, (B, 1), max_new_tokens times; idx (B, T) holds at
+    most block_size tokens. The prompt is prefilled into a KV cache once, then each step
+    feeds one token. Past block_size, window='exact' is a forward over the last block_size
+    tokens (learned positions change every cached key, so the window is recomputed);
+    'chunked' keeps the last half block and re-prefills (faster, a shorter context);
+    'sliding' (RoPE) keeps decoding from the cache, as forward(sliding=True) computes.
+    vocab_limit: sample only ids below it (a padded vocabulary has ids no tokenizer knows).
+    cuda_graphs: on CUDA, replay each cached step as a CUDA graph ('compile': of the
+    torch.compile'd step); False runs it eagerly. decode_fn: the function of a cached step,
+    decode by default (sample.py passes a torch.compile'd one)."""
+    decode_fn = decode_fn or decode
+    if window not in WINDOWS:
+        raise ValueError(f"window={window!r} is not one of {WINDOWS}")
+    sliding = window == "sliding"
+    if sliding and "wpe" in model.transformer:
+        raise ValueError("window='sliding' needs pos_emb='rope' (learned positions end at block_size)")
+    bs, (B, T) = model.config.block_size, idx.shape
+    if T > bs:
+        raise ValueError(f"prompt of {T} tokens exceeds block_size {bs}")
+    seq = idx.new_empty(B, T + max_new_tokens)  # the whole output, filled in place
+    seq[:, :T] = idx
+    cache, params = None, decode_params(model)
+    graphs = None  # on CUDA each cached step within block_size is one CUDA graph replay
+    if use_cache and cuda_graphs and idx.device.type == "cuda" and not model.training:
+        from gpt_trainer.cuda_decode import graph_decoder
+        graphs = graph_decoder(model, B, compile=cuda_graphs == "compile")
+    for L in range(T, T + max_new_tokens):  # L tokens so far
+        with decoding(model.lm_head.weight):
+            if not use_cache:
+                logits, _ = model(seq[:, 0 if sliding else max(0, L - bs):L], sliding=sliding)
+            elif cache is not None and (cache.pos < bs or sliding):
+                step = seq[:, L - 1:L]  # dropout, if training, needs the modules
+                if model.training:
+                    logits = model(step, kv_cache=cache, sliding=sliding)[0]
+                elif graphs is not None and cache.pos < bs:
+                    logits = graphs.step(model, decode_fn, params, step, cache)
+                else:
+                    logits = decode_fn(model, step, cache, params)
+            else:
+                keep = bs if (window != "chunked" or L <= bs) else max(1, bs // 2)
+                cache = graphs.new_cache(KVCache, model.config.n_layer) if graphs else KVCache(model.config.n_layer)
+                logits, _ = model(seq[:, max(0, L - keep):L], kv_cache=cache)
+        next_token = sample_next(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
+        seq[:, L:L + 1] = next_token
+        yield next_token
+
+
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+             generator=None, use_cache=True, window="exact", vocab_limit=None, cuda_graphs=True,
+             decode_fn=None):
+    """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + max_new_tokens)."""
+    new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p,
+                               generator, use_cache, window, vocab_limit, cuda_graphs, decode_fn))
+    return torch.cat([idx] + new, dim=1)

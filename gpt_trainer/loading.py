@@ -1,0 +1,48 @@
+"""
+One way to get a model and its tokenizer for inference (sample.py, evaluate.py): from one of
+our checkpoints or nanoGPT's (init_from='resume'), a GPT-2 hub name, or a local Hugging Face
+GPT-2, Llama or Qwen3 directory.
+"""
+import os
+import sys
+
+from gpt_trainer.checkpoint import build_model, inference_path, load_checkpoint
+from gpt_trainer.dataloader import load_meta
+from gpt_trainer.hf import gpt_from_hf, hf_tokenizer
+from gpt_trainer.lora import build_lora_model, merge
+from gpt_trainer.tokenizer import tokenizer_from_meta
+
+
+def checkpoint_data_dir(config):
+    """The data dir a checkpoint's run trained on, from its saved settings."""
+    return config.get("data_dir") or os.path.join("data", config.get("dataset", ""))
+
+
+def checkpoint_tokenizer(checkpoint):
+    """The tokenizer of the data the checkpoint was trained on (its meta, else its data dir)."""
+    data_dir = checkpoint_data_dir(checkpoint.get("config") or {})
+    meta = checkpoint.get("meta") or (load_meta(data_dir) if os.path.isdir(data_dir) else {})
+    if not meta:
+        print("note: the checkpoint records no tokenizer; assuming GPT-2's", file=sys.stderr)
+    return tokenizer_from_meta(meta, data_dir)
+
+
+def build_any_model(ckpt, path, dropout=None):
+    """checkpoint.build_model, or for a LoRA checkpoint (adapters only) its base rebuilt from the
+    HF dir or GPT-2 name it names, with the adapters (unmerged) on it."""
+    if not ckpt.get("lora"):
+        return build_model(ckpt, path, dropout)
+    args = dict(ckpt["model_args"], **({} if dropout is None else {"dropout": dropout}))
+    return build_lora_model({**ckpt, "model_args": args}, path, gpt_from_hf)
+
+
+def load_model(init_from="resume", out_dir="out", ckpt="auto"):
+    """(model, tokenizer, where the model came from, the checkpoint's training settings or {})."""
+    if init_from == "resume":
+        path = inference_path(out_dir, ckpt)
+        checkpoint = load_checkpoint(path)
+        model = build_any_model(checkpoint, path)
+        if hasattr(model, "lora"):  # decode steps read plain weights: fold the adapters in
+            merge(model)
+        return model, checkpoint_tokenizer(checkpoint), path, checkpoint.get("config") or {}
+    return gpt_from_hf(init_from), hf_tokenizer(init_from), init_from, {}
