@@ -14,7 +14,8 @@ from configurator import ArgumentParser, install_error_hook
 from gpt_trainer import lora
 from gpt_trainer.chat_template import DEFAULT_JINJA, SPECIALS
 from gpt_trainer.checkpoint import consolidate, load_checkpoint
-from gpt_trainer.hf import HFError, checkpoint_tokenizer_files, export_model, read_gpt2_tokenizer_files
+from gpt_trainer.errors import HFError
+from gpt_trainer.hf import checkpoint_tokenizer_files, export_model, read_gpt2_tokenizer_files
 from gpt_trainer.loading import build_any_model
 from model import GPT, GPTConfig
 
@@ -25,6 +26,8 @@ def export_hf(ckpt_path, out_dir, adapter_dir=None):
     data. A LoRA checkpoint is merged; with adapter_dir its adapter is also written there for
     peft, with the unmerged base as an HF model in adapter_dir/base. Returns (model, what
     tokenizer was written: 'hf', 'bpe', 'gpt2' or None)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise HFError(f"--out={out_dir} is a file, not a directory; pick another --out")
     ckpt = load_checkpoint(ckpt_path)
     model = build_any_model(ckpt, ckpt_path)
     if adapter_dir and not hasattr(model, "lora"):

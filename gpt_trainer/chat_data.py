@@ -80,7 +80,7 @@ def file_records(src, opts):
                 yield i, f"element {i}", r
             return
         offset, lineno, rec = 0, 0, 0
-        for line in f:
+        while line := f.readline():
             lineno, start, offset = lineno + 1, offset, offset + len(line)
             if not line.strip():
                 continue

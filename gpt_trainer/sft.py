@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from gpt_trainer.dataloader import BatchLoader, TokenFile, random_starts, read_windows
 from gpt_trainer.errors import DataError
-from gpt_trainer.evaluation import EVAL_SEED, sum_dtype
+
+EVAL_SEED = 0  # evaluation.EVAL_SEED (not imported: evaluation pulls in the lm-eval harness); the same windows
 
 
 def open_masks(data_dir, meta, splits):
@@ -101,7 +102,8 @@ def estimate_masked_loss(model, splits, masks, block_size, batch_size, eval_iter
     out, was_training = {}, model.training
     model.eval()
     for split, data in splits.items():
-        sums = torch.zeros(eval_iters, 2, dtype=sum_dtype(device), device=device)  # nats, targets
+        sums = torch.zeros(eval_iters, 2, dtype=torch.float32 if str(device).startswith("mps") else torch.float64,
+                           device=device)  # nats, targets
         padded = -(-eval_iters // world_size) * world_size
         for k in range(rank, padded, world_size):
             starts = random_starts(len(data), block_size, batch_size, EVAL_SEED, k % eval_iters, 0)

@@ -409,3 +409,8 @@ def test_sft_loss_is_world_size_invariant(tmp_path, chat_data):
     np.testing.assert_allclose([a[i] for i in range(6)], [b[i] for i in range(6)], rtol=1e-5)
     for k, t in load_ckpt(one)["model"].items():
         torch.testing.assert_close(t, load_ckpt(two)["model"][k], atol=1e-5, rtol=1e-4)
+
+
+def test_masked_eval_windows_are_evaluations():
+    from gpt_trainer import evaluation, sft
+    assert sft.EVAL_SEED == evaluation.EVAL_SEED

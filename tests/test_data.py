@@ -112,7 +112,7 @@ def test_openwebtext_prepare_and_resume(tmp_path):
     with open(part / "train.bin.partial", "ab") as f:
         f.write(b"\x07\x00\x09")  # a shard cut short mid-write
     assert owt.prepare(ds, part, num_proc=1, num_shards=6) == full
-    assert sorted(os.listdir(part)) == ["meta.json", "train.bin", "val.bin"]  # committed, no leftovers
+    assert sorted(os.listdir(part)) == [".lock", "meta.json", "train.bin", "val.bin"]  # committed, no leftovers
     for split in ("train", "val"):
         assert (part / f"{split}.bin").read_bytes() == (tmp_path / "full" / f"{split}.bin").read_bytes()
 

@@ -18,6 +18,7 @@ import pytest
 from trainutil import REPO, SHAKESPEARE, child_env
 
 README = os.path.join(REPO, "README.md")
+DOCS = [os.path.join(REPO, "docs", "evaluation.md")]  # run after the README's, in this order
 COMMAND = re.compile(r"^    (python|torchrun|pip|bash|hf |NANO)")
 # appended to every train.py run: a tiny model, two iterations, and a fresh start in an out_dir
 # that an earlier command of the README already trained into
@@ -48,13 +49,14 @@ SKIPS = [  # (a part of the command, why it cannot run here)
     ("--input=big/", "run with the inputs it names by tests/test_prepare.py::test_readme_data_commands"),
     ("smollm2-135m-random", "a 135M-parameter measurement; tests/test_hf_llama.py trains imported models"),
     ("/tmp/bench_char", "the data of the 135M-parameter measurement above"),
+    ("lm_eval:arc_easy", "downloads ARC and PIQA from the Hugging Face hub"),
 ]
 
 
-def readme_commands():
-    """The README's shell commands: indented lines that start with a command, continuation
-    lines (trailing backslash) joined, in order."""
-    lines, commands = open(README).read().splitlines(), []
+def readme_commands(path=README):
+    """The shell commands of the README (or a docs file): indented lines that start with a
+    command, continuation lines (trailing backslash) joined, in order."""
+    lines, commands = open(path).read().splitlines(), []
     i = 0
     while i < len(lines):
         if COMMAND.match(lines[i]):
@@ -160,7 +162,7 @@ def scratch(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", readme_commands())
+@pytest.mark.parametrize("command", readme_commands() + [c for doc in DOCS for c in readme_commands(doc)])
 def test_readme_command(scratch, command):
     for kind, what in plan(command):
         if kind == "skip":
@@ -169,6 +171,7 @@ def test_readme_command(scratch, command):
             assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(scratch, what)))
             continue
         # `python` and `torchrun` are the ones of the interpreter running the tests
-        env = child_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+        env = child_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+                        HF_DATASETS_OFFLINE="1")  # lm_eval tasks: local files only
         p = subprocess.run(what, shell=True, cwd=scratch, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, f"{what}\nexited {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
