@@ -33,6 +33,12 @@ case runs in a fresh process, as sample.py would:
     python bench.py --sample [--num_samples=1] [--repeats=3] [--tokens=500] [--nanogpt=DIR]
     python bench.py --sample --profile      # where a token's time goes, by kind of op
 
+LoRA against full fine-tuning (peak RSS and time per iteration, side by side) on a random
+HF model of Qwen3-0.6B's shape (28 layers, hidden 1024, 16/8 heads of 128, MLP 3072; a small
+vocabulary, ~0.44B parameters) written to --lora_dir with a chat dataset, block 512:
+
+    python bench.py --lora=16 --max_iters=4 --warmup=1 --rounds=1
+
 Every mode prints a table; --json PATH also writes the numbers.
 """
 import argparse
@@ -833,6 +839,12 @@ def parse_args(argv):
     p.add_argument("--case", type=int, help=argparse.SUPPRESS)  # one case, in a child process
     p.add_argument("--nanogpt", metavar="DIR", help="--sample: also time nanoGPT's generate (DIR/model.py) "
                    "on the same weights")
+    p.add_argument("--lora", type=int, metavar="RANK", help="compare LoRA of this rank with full "
+                   "fine-tuning of a random Qwen3-shaped model (--lora_shape)")
+    p.add_argument("--lora_dir", default=os.path.join(tempfile.gettempdir(), "bench_lora"),
+                   help="--lora: where the random model and its chat data are written (kept for reruns)")
+    p.add_argument("--lora_shape", default="28,1024,3072",
+                   help="--lora: layers,hidden,intermediate of the Qwen3-shaped model")
     p.add_argument("--device", default="cpu", help="--sample: where to run ('cuda' for a GPU)")
     p.add_argument("--dtype", default="float32", help="--sample: autocast dtype, as sample.py's --dtype")
     p.add_argument("--json", help="also write the numbers to this file")
@@ -840,6 +852,45 @@ def parse_args(argv):
     args, rest = p.parse_known_args(argv)
     args.compare = compare
     return args, rest
+
+
+def lora_common(args):
+    """train.py arguments fine-tuning the random Qwen3-shaped model in args.lora_dir on its chat
+    data (both written on the first use)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    n_layer, hidden, inter = (int(v) for v in args.lora_shape.split(","))
+    model_dir, data_dir = (os.path.join(args.lora_dir, f"{n}-{args.lora_shape.replace(',', '-')}")
+                           for n in ("qwen3", "data"))
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(["reverse the word please"], trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>")
+        hf_tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                                "'<|im_end|>\\n' }}{% endfor %}")
+        torch.manual_seed(0)
+        cfg = transformers.Qwen3Config(vocab_size=len(hf_tok), hidden_size=hidden, num_hidden_layers=n_layer,
+                                       num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                       intermediate_size=inter, max_position_embeddings=512,
+                                       tie_word_embeddings=True)
+        transformers.Qwen3ForCausalLM(cfg).save_pretrained(model_dir)
+        hf_tok.save_pretrained(model_dir)
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        words = [f"{a}{b}{c}" for a in "abcdefgh" for b in "abcdefgh" for c in "abcdefgh"]
+        chats = os.path.join(args.lora_dir, "chats.jsonl")
+        with open(chats, "w") as f:
+            for w in words:
+                f.write(json.dumps({"messages": [{"role": "user", "content": f"reverse {w} " * 8},
+                                                 {"role": "assistant", "content": w[::-1] * 8}]}) + "\n")
+        run_command([sys.executable, os.path.join(REPO, "data", "chat", "prepare.py"), f"--input={chats}",
+                     f"--encoding=hf:{model_dir}", f"--out_dir={data_dir}"], echo=True)
+    return [f"--init_from={model_dir}", f"--data_dir={data_dir}", "--block_size=512", "--batch_size=1",
+            "--gradient_accumulation_steps=1", "--device=cpu", "--compile=False", "--dtype=float32",
+            f"--eval_interval={HUGE}", "--learning_rate=1e-4", "--warmup_iters=0", "--decay_lr=False"]
 
 
 def sample_overrides(rest):
@@ -862,6 +913,8 @@ def main(argv):
         report = bench_sample(sample_overrides(rest), args)
         if report is None:
             return
+    elif args.lora:
+        report = bench_compare(f"--lora_rank={args.lora}", "", lora_common(args) + rest, args)
     elif args.quality:
         if not args.compare and not args.compare_cmd:
             raise UserError("--quality needs --compare A B (two settings to time) or --compare-cmd")

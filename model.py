@@ -315,6 +315,25 @@ class GPT(nn.Module):
                 self.rope_sin = torch.cat([self.rope_sin, sin[n:].to(self.rope_sin)])
         return self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
 
+    def grow_vocab(self, vocab_size, multiple=64):
+        """Rows for ids up to vocab_size (a chat template's special ids past an HF GPT-2's 50257),
+        rounded up to a multiple of 64; new rows start at the mean embedding. True if it grew."""
+        old = self.config.vocab_size
+        if vocab_size <= old:
+            return False
+        new = -(-vocab_size // multiple) * multiple
+        wte, head = self.transformer.wte, self.lm_head
+        with torch.no_grad():
+            wte.weight = nn.Parameter(torch.cat([wte.weight, wte.weight.mean(0, keepdim=True).expand(new - old, -1)]))
+            wte.num_embeddings = new
+            if self.config.tie_embeddings:
+                head.weight = wte.weight
+            else:
+                head.weight = nn.Parameter(torch.cat([head.weight, head.weight.new_zeros(new - old, head.in_features)]))
+            head.out_features = new
+        self.config.vocab_size = new
+        return True
+
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. to fine-tune GPT-2 with a smaller block_size)."""
         if block_size > self.config.block_size:

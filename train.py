@@ -16,6 +16,7 @@ import random
 import re
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -25,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import (ANY, ConfigError, UserError, at_least, check_settings, configure, in_range,
                           install_error_hook, one_of)
 from gpt_trainer import checkpoint
-from gpt_trainer.checkpoint import (build_model, capture_rng, claim_out_dir, last_saved,
+from gpt_trainer.checkpoint import (capture_rng, claim_out_dir, last_saved,
                                     load_resume_point, model_config, restore_rng, resume_training,
                                     save_training_state, save_weights, start_over)
-from gpt_trainer.dataloader import BatchLoader, check_same_tokenizer, load_meta, open_dataset
+from gpt_trainer.dataloader import BatchLoader, check_same_tokenizer, data_vocab_size, load_meta, open_dataset
 from gpt_trainer.evaluation import (TASKS, Interrupted, estimate_loss, eval_tokenizer, format_results, load_tasks,
                                     parse_tasks, score_tasks, split_tasks, token_byte_lengths)
 from gpt_trainer.hf import GPT2_NAMES
@@ -40,6 +41,10 @@ from gpt_trainer.runtime import (StopSignal, autocast_context, derive_grad_accum
                                  peak_flops, peak_gpu_memory_mb, report_dead_ranks, resolve_device, resolve_dtype,
                                  set_grad_sync, shard_model, try_compile)
 from model import CHOICES, GPT, GPTConfig, RECOMPUTE
+from gpt_trainer.lora import TARGETS as LORA_TARGETS
+from gpt_trainer.loading import build_any_model
+from gpt_trainer.lora import add_lora, base_fingerprint
+from gpt_trainer.sft import ChatBatchLoader, estimate_masked_loss, open_masks, sft_loss
 
 # -----------------------------------------------------------------------------
 # settings: defaults train GPT-2 124M on OpenWebText on 8 GPUs, as nanoGPT
@@ -71,6 +76,7 @@ gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, summed ov
 total_batch_size = 0  # tokens per optimizer step; when set, gradient_accumulation_steps is derived
 batch_size = 12  # sequences per micro-step per rank
 block_size = 1024  # context length in tokens
+loss_mask = True  # chat data (data/chat/prepare.py): loss only on the assistant's tokens; False = on every token
 sampling = "random"  # 'random' windows (nanoGPT) or 'epoch' (each window once per epoch)
 # model (see model.GPTConfig)
 n_layer = 12  # transformer blocks
@@ -112,6 +118,11 @@ fsdp = False  # shard weights, gradients and optimizer state with FSDP2 instead 
 device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA if supported, else fp16; fp32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = "auto"  # torch.compile the model; 'auto' = on CUDA only
+# LoRA (lora.py): low-rank adapters on a frozen pretrained model (init_from an HF dir or gpt2*)
+lora_rank = 0  # adapter rank r; 0 = off (full fine-tuning)
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
 activation_checkpointing = "none"  # recompute activations in backward to save memory: 'none', 'block', 'attn' or 'mlp'
 seed = 1337  # seeds the data order and every RNG
 # -----------------------------------------------------------------------------
@@ -129,7 +140,7 @@ RULES = dict(
     tensorboard_log=ANY, plot=ANY, overwrite=ANY, max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
     dataset=(lambda v: v != "", "a directory name under data/"), data_dir=ANY,
     gradient_accumulation_steps=POSITIVE, total_batch_size=NON_NEGATIVE, batch_size=POSITIVE,
-    block_size=POSITIVE, sampling=one_of("random", "epoch"),
+    block_size=POSITIVE, sampling=one_of("random", "epoch"), loss_mask=ANY,
     n_layer=POSITIVE, n_head=POSITIVE, n_embd=POSITIVE, dropout=FRACTION, bias=ANY, vocab_size=NON_NEGATIVE,
     n_kv_head=NON_NEGATIVE, pos_emb=one_of(*CHOICES["pos_emb"]), rope_theta=(lambda v: v > 0, "> 0"),
     norm=one_of(*CHOICES["norm"]), mlp=one_of(*CHOICES["mlp"]), multiple_of=POSITIVE, qk_norm=ANY,
@@ -140,7 +151,9 @@ RULES = dict(
     decay_lr=ANY, lr_schedule=one_of("cosine", "wsd", "linear", "constant"), warmup_iters=NON_NEGATIVE,
     lr_decay_iters=NON_NEGATIVE, min_lr=NON_NEGATIVE,
     decay_frac=(lambda v: 0 < v <= 1, "in (0, 1]: the fraction of post-warmup steps that decay"),
-    activation_checkpointing=one_of(*RECOMPUTE),
+    activation_checkpointing=one_of(*RECOMPUTE), lora_rank=NON_NEGATIVE, lora_alpha=(lambda v: v > 0, "> 0"),
+    lora_dropout=FRACTION, lora_targets=(lambda v: set(v.split(",")) <= set(LORA_TARGETS), f"a comma-separated "
+                                         f"subset of {','.join(LORA_TARGETS)}"),
     backend=one_of("auto", "nccl", "gloo"), ddp_timeout=POSITIVE, fsdp=ANY,
     device=(lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
             "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
@@ -198,6 +211,8 @@ if __name__ == "__main__":
     torch.backends.cudnn.allow_tf32 = True
     if fsdp and not ddp:
         raise ConfigError("fsdp=True needs torchrun (e.g. torchrun --nproc_per_node=2 train.py ...)")
+    if fsdp and lora_rank:
+        raise ConfigError("lora_rank > 0 is not supported with fsdp; use DDP (fsdp=False)")
     if fsdp and split_tasks(eval_tasks)[1]:  # the harness's ranks run different numbers of forwards
         raise ConfigError("eval_tasks with lm_eval: tasks cannot run under fsdp=True; use DDP, or evaluate.py on a checkpoint")
     if fsdp and optimizer == "muon":
@@ -235,7 +250,7 @@ if __name__ == "__main__":
     resume_path = os.path.join(out_dir, checkpoint.SHARDED) if fsdp else ckpt_path
     ckpt, iter_num, best_val_loss, bad_steps = None, 0, 1e9, 0
     if init_from == "scratch":
-        meta_vocab = load_meta(data_dir).get("vocab_size") if os.path.isdir(data_dir) else None
+        meta_vocab = data_vocab_size(load_meta(data_dir)) if os.path.isdir(data_dir) else None
         model_args = {k: config[k] for k in MODEL_KEYS}
         model_args["vocab_size"] = vocab_size or meta_vocab or 50304
         model = GPT(model_config(model_args, "settings"))
@@ -246,7 +261,7 @@ if __name__ == "__main__":
         if fsdp:  # weights are loaded after sharding, below
             model = GPT(model_config({**config_fields(ckpt), "dropout": dropout}, resume_path))
         else:
-            model = build_model(ckpt, resume_path, dropout=dropout if saved else None)  # saved: the run's
+            model = build_any_model(ckpt, resume_path, dropout=dropout if saved else None)  # saved: the run's
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         bad_steps = ckpt.get("bad_steps", 0)
     else:
@@ -255,8 +270,21 @@ if __name__ == "__main__":
         model = gpt_from_hf(init_from, dropout=dropout)
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)
+    if init_from not in ("scratch", "resume") and os.path.isdir(data_dir) and model.grow_vocab(
+            data_vocab_size(load_meta(data_dir)) or 0) and master_process:
+        print(f"vocab_size grown to {model.config.vocab_size} for the dataset's chat template's special tokens")
     if block_size != model.config.block_size:
         raise ConfigError(f"block_size={block_size} but the model has block_size {model.config.block_size}")
+    lora_info = ckpt.get("lora") if ckpt is not None else None
+    if lora_rank and init_from == "scratch":
+        raise ConfigError("lora_rank > 0 adapts a pretrained model: set init_from to an HF dir or gpt2*")
+    if lora_rank and init_from not in ("scratch", "resume"):
+        add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)  # the base frozen
+        lora_info = {**model.lora, "base": os.path.abspath(init_from) if os.path.isdir(init_from) else init_from,
+                     "base_fingerprint": base_fingerprint(model)}
+    elif ckpt is not None and (lora_info or {}).get("rank", 0) != lora_rank and "lora_rank" in explicit:
+        raise ConfigError(f"lora_rank={lora_rank} but {resume_path} was trained with lora_rank="
+                          f"{(lora_info or {}).get('rank', 0)}; drop the setting to resume")
     model.set_recompute(activation_checkpointing)
     model.to(device)
     if master_process:
@@ -272,9 +300,10 @@ if __name__ == "__main__":
     splits, meta = open_dataset(data_dir, block_size, model.config.vocab_size)  # meta embeds a bpe/hf tokenizer
     if ckpt is not None:
         check_same_tokenizer(ckpt.get("meta"), meta, resume_path, data_dir)
-    loader = BatchLoader(splits["train"], block_size, batch_size, seed, grad_accum * world_size,
-                         sampling=sampling, device=device, rank_first_index=rank * grad_accum,
-                         rank_num_micro=grad_accum)
+    masks = open_masks(data_dir, meta, splits) if loss_mask else None  # a chat data dir: the loss only on assistant tokens
+    loader = (BatchLoader if masks is None else partial(ChatBatchLoader, masks["train"]))(
+        splits["train"], block_size, batch_size, seed, grad_accum * world_size, sampling=sampling, device=device,
+        rank_first_index=rank * grad_accum, rank_num_micro=grad_accum)
 
     # -------------------------------------------------------------------------
     # optimizer and GradScaler (only fp16 needs loss scaling)
@@ -308,7 +337,7 @@ if __name__ == "__main__":
                            tensorboard_log) if master_process else None
 
     # in every checkpoint of this run; model_args is nanoGPT's when nanoGPT can express the model
-    run_info = dict(**checkpoint_fields(raw_model.config), config=config, meta=meta)
+    run_info = dict(**checkpoint_fields(raw_model.config), config=config, meta=meta, lora=lora_info)
 
     # -------------------------------------------------------------------------
     # training loop
@@ -338,8 +367,10 @@ if __name__ == "__main__":
                                      or iter_num == max_iters or eval_only)
         if eval_due or tasks_due:
             try:  # a stop signal is heard between batches: a long eval never outlasts a grace period
-                results = estimate_loss(eval_model, splits, block_size, batch_size, eval_iters, ctx, device,
-                                        rank, world_size, token_bytes, stop.any_rank) if eval_due else {}
+                results = ({} if not eval_due else estimate_loss(
+                    eval_model, splits, block_size, batch_size, eval_iters, ctx, device, rank, world_size,
+                    token_bytes, stop.any_rank) if masks is None else estimate_masked_loss(
+                    eval_model, splits, masks, block_size, batch_size, eval_iters, ctx, device, rank, world_size))
                 if tasks_due:
                     results.update(score_tasks(tasks, eval_model, batch_size, ctx, device, rank, world_size,
                                                stop.any_rank))
@@ -385,7 +416,7 @@ if __name__ == "__main__":
             set_grad_sync(model, micro_step == grad_accum - 1)
             x, y = loader.get(iter_num, rank * grad_accum + micro_step)
             with ctx:
-                _, loss = model(x, y)
+                _, loss = model(x, y) if masks is None else (None, sft_loss(model, x, y, loader.loss_scale(iter_num)))
             loss_sum += loss.detach().float()
             scaler.scale(loss / grad_accum).backward()
         else:

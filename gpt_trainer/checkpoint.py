@@ -262,6 +262,9 @@ def build_model(ckpt, path, dropout=None):
     args = nanogpt.config_fields(ckpt)
     if dropout is not None:
         args["dropout"] = dropout
+    if ckpt.get("lora"):
+        raise CheckpointError(f"{path} holds LoRA adapters only; build it with gpt_trainer.loading.build_any_model, "
+                              f"which rebuilds its base")
     model = GPT(model_config(args, path))
     try:
         model.load_state_dict(ckpt["model"])
@@ -445,6 +448,14 @@ def write_on_rank0(state, path, device):
         raise CheckpointError(f"saving {path} failed (see above); the previous checkpoint is kept")
 
 
+def saved_weights(model):
+    """What a checkpoint keeps of the model: its state, or with LoRA only the adapters."""
+    if hasattr(model, "lora"):
+        from gpt_trainer.lora import adapter_state_dict
+        return adapter_state_dict(model)
+    return model.state_dict()
+
+
 def save_training_state(path, model, optimizers, scaler, sampler, fsdp=False, **progress):
     """The resume point: progress (model_args, iter_num, best_val_loss, config, meta, bad_steps)
     with the weights, optimizer and GradScaler state, the data sampler's state and every rank's
@@ -458,7 +469,7 @@ def save_training_state(path, model, optimizers, scaler, sampler, fsdp=False, **
     state = dict(progress, scaler=scaler.state_dict(), rng=rng, sampler=sampler, world_size=world_size)
     if fsdp:
         return save_sharded(model, optimizers, state, os.path.dirname(path), dist.get_rank())
-    state["model"] = model.state_dict()
+    state["model"] = saved_weights(model)
     if not dist.is_initialized() or dist.get_rank() == 0:
         state["optimizer"] = optimizer_state(model, optimizers)
     write_on_rank0(state, path, next(model.parameters()).device)
@@ -467,7 +478,7 @@ def save_training_state(path, model, optimizers, scaler, sampler, fsdp=False, **
 def save_weights(path, model, fsdp=False, **progress):
     """best.pt: the weights and progress, no optimizer (sample.py and export read it). A
     collective under FSDP (the weights are gathered): every rank calls it."""
-    state = dict(progress, model=full_state_dict(model, fsdp))
+    state = dict(progress, model=full_state_dict(model, fsdp) if fsdp else saved_weights(model))
     write_on_rank0(state, path, next(model.parameters()).device)
 
 

@@ -148,6 +148,11 @@ def token_dtype(meta):
     return np.dtype(name)
 
 
+def data_vocab_size(meta):
+    """Ids a dataset may hold: its tokenizer's, plus a chat template's special ids (meta 'chat')."""
+    return (meta.get("chat") or {}).get("vocab_size") or meta.get("vocab_size")
+
+
 def dtype_for_vocab(vocab_size):
     """The smallest token dtype that holds every id below vocab_size."""
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
@@ -211,7 +216,7 @@ def open_dataset(data_dir, block_size, vocab_size=None, check_ids=True):
             raise DataError(f"{path}: {len(tf)} tokens is shorter than block_size + 1 = "
                             f"{block_size + 1}; lower --block_size or add data")
         if check_ids:
-            _check_ids(tf, meta.get("vocab_size"), vocab_size)
+            _check_ids(tf, data_vocab_size(meta), vocab_size)
         splits[split] = tf
     return splits, meta
 

@@ -9,6 +9,7 @@ import sys
 from gpt_trainer.checkpoint import build_model, inference_path, load_checkpoint
 from gpt_trainer.dataloader import load_meta
 from gpt_trainer.hf import gpt_from_hf, hf_tokenizer
+from gpt_trainer.lora import build_lora_model, merge
 from gpt_trainer.tokenizer import tokenizer_from_meta
 
 
@@ -26,10 +27,22 @@ def checkpoint_tokenizer(checkpoint):
     return tokenizer_from_meta(meta, data_dir)
 
 
+def build_any_model(ckpt, path, dropout=None):
+    """checkpoint.build_model, or for a LoRA checkpoint (adapters only) its base rebuilt from the
+    HF dir or GPT-2 name it names, with the adapters (unmerged) on it."""
+    if not ckpt.get("lora"):
+        return build_model(ckpt, path, dropout)
+    args = dict(ckpt["model_args"], **({} if dropout is None else {"dropout": dropout}))
+    return build_lora_model({**ckpt, "model_args": args}, path, gpt_from_hf)
+
+
 def load_model(init_from="resume", out_dir="out", ckpt="auto"):
     """(model, tokenizer, where the model came from, the checkpoint's training settings or {})."""
     if init_from == "resume":
         path = inference_path(out_dir, ckpt)
         checkpoint = load_checkpoint(path)
-        return build_model(checkpoint, path), checkpoint_tokenizer(checkpoint), path, checkpoint.get("config") or {}
+        model = build_any_model(checkpoint, path)
+        if hasattr(model, "lora"):  # decode steps read plain weights: fold the adapters in
+            merge(model)
+        return model, checkpoint_tokenizer(checkpoint), path, checkpoint.get("config") or {}
     return gpt_from_hf(init_from), hf_tokenizer(init_from), init_from, {}
