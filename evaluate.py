@@ -37,14 +37,13 @@ SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinsta
 
 import json  # noqa: E402
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
 from configurator import ConfigError, configure, install_error_hook  # noqa: E402
+from gpt_trainer.dataloader import open_dataset  # noqa: E402
 from gpt_trainer.evaluation import (estimate_loss, format_results, load_tasks, parse_tasks, score_tasks,  # noqa: E402
                                     token_byte_lengths)
 from gpt_trainer.loading import checkpoint_data_dir  # noqa: E402
 from gpt_trainer.loading import load_model as load_model_for_inference  # noqa: E402
+from gpt_trainer.runtime import setup, teardown  # noqa: E402
 from gpt_trainer.tokenizer import tokenizer_from_meta  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -59,13 +58,8 @@ def load_model(s):
 
 
 def main(s):
-    from gpt_trainer.dataloader import open_dataset
-    from gpt_trainer.runtime import autocast_context, init_distributed, resolve_device, resolve_dtype
     names = parse_tasks(s["tasks"], "tasks", extra=("val",))
-    ddp, rank, _, world_size, device = init_distributed(s["backend"], resolve_device(s["device"]))
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    ctx = autocast_context(device_type, resolve_dtype(s["dtype"], device_type))
-    torch.backends.cuda.matmul.allow_tf32 = True
+    ddp, rank, _, world_size, device, _, _, ctx = setup(s["device"], s["dtype"], s["backend"])
     model, tok, source, data_dir = load_model(s)
     cfg = model.config
     if tok.vocab_size > cfg.vocab_size:
@@ -92,12 +86,7 @@ def main(s):
         if s["results"]:
             with open(s["results"], "w") as f:
                 json.dump(out, f, indent=1)
-    if ddp:
-        dist.barrier()  # see the end of train.py: gloo must not be torn down by finalization
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    teardown(ddp)
 
 
 if __name__ == "__main__":

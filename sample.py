@@ -15,7 +15,7 @@ import torch
 from configurator import UserError, configure, install_error_hook
 from gpt_trainer.generate import WINDOWS, decode, generate_stream
 from gpt_trainer.loading import load_model
-from gpt_trainer.runtime import autocast_context, resolve_device, resolve_dtype
+from gpt_trainer.runtime import setup
 
 # -----------------------------------------------------------------------------
 # settings
@@ -189,10 +189,8 @@ if __name__ == "__main__":
     check_settings(settings)
 
     torch.manual_seed(seed)
-    device = resolve_device(device)
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    ctx = autocast_context(device_type, resolve_dtype(dtype, device_type))
-    torch.backends.cuda.matmul.allow_tf32 = True
+    rt = setup(device, dtype, distributed=False)  # one process, even under torchrun
+    device, ctx = rt.device, rt.ctx
     model, tok, source, _ = load_model(init_from, out_dir, ckpt)
     model, decode_fn = prepare_model(model, tok, device, compile, window)
     print(f"{source}: {model.get_num_params() / 1e6:.2f}M parameters, block_size "

@@ -26,6 +26,7 @@ from gpt_trainer.optim import get_lr  # noqa: E402
 from gpt_trainer.runtime import derive_grad_accum  # noqa: E402
 from gpt_trainer.dataloader import TokenFile, get_batch, load_meta, open_dataset  # noqa: E402
 from gpt_trainer.evaluation import estimate_loss  # noqa: E402
+from model import GPTConfig  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # get_lr
@@ -212,12 +213,24 @@ def test_every_setting_has_a_rule():
 @pytest.mark.parametrize("key, value", [
     ("lr_schedule", "bogus"), ("optimizer", "sgd"), ("decay_frac", -0.1), ("decay_frac", 0.0),
     ("max_iters", -1), ("eval_interval", 0), ("log_interval", 0), ("ckpt_interval", -1),
-    ("batch_size", 0), ("dropout", 1.0), ("device", "cuda:x"), ("dtype", "fp8"), ("sampling", "shuffle"),
-    ("init_from", "gpt3"), ("compile", "yes"), ("mlp", "geglu"), ("gradient_accumulation_steps", 0)])
+    ("batch_size", 0), ("device", "cuda:x"), ("dtype", "fp8"), ("sampling", "shuffle"),
+    ("init_from", "gpt3"), ("compile", "yes"), ("gradient_accumulation_steps", 0)])
 def test_bad_setting_is_refused_by_its_rule(key, value):
     settings = {**{k: getattr(train, k) for k in train.SETTINGS}, key: value}
     with pytest.raises(configurator.ConfigError, match=f"^{key}={value!r} is not valid: it must be"):
         configurator.check_settings(settings, train.RULES, TRAIN)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("dropout", 1.0), ("mlp", "geglu"), ("n_layer", 0), ("block_size", 0), ("vocab_size", -1), ("pos_emb", "alibi"),
+    ("rope_theta", 0.0), ("logit_softcap", -1.0), ("n_kv_head", 5)])
+def test_bad_model_setting_is_refused_by_gptconfig(key, value):
+    """The model settings are checked once, by GPTConfig (train.RULES defers to it)."""
+    assert train.MODEL_KEYS == [k for k in GPTConfig.field_names() if k in train.SETTINGS]
+    settings = {**{k: getattr(train, k) for k in train.SETTINGS}, key: value}
+    configurator.check_settings(settings, train.RULES, TRAIN)
+    with pytest.raises(configurator.ConfigError, match=f"{key}={value!r}"):
+        train.check_model_settings(settings)
 
 
 @pytest.mark.parametrize("override", ["--lr_schedule=bogus", "--n_embd=100"])
