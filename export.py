@@ -4,22 +4,32 @@ options), or write an FSDP run's sharded checkpoint as one ckpt.pt:
 
     python export.py --ckpt=out/ckpt.pt --out=out/hf      # -> config.json, model.safetensors, tokenizer
     python export.py --consolidate=out                    # out/ckpt_dcp/ -> out/ckpt.pt
+
+Settings are set like train.py's: a config file, then --key=value overrides; --help lists them.
 """
 import json
 import os
 import sys
 
-from configurator import ArgumentParser, install_error_hook
-from gpt_trainer.checkpoint import build_model, consolidate, load_checkpoint
-from gpt_trainer.hf import checkpoint_tokenizer_files, export_model, read_gpt2_tokenizer_files
+# -----------------------------------------------------------------------------
+# settings
+ckpt = "out/ckpt.pt"  # the checkpoint to export
+out = ""  # the directory to write ('' = out/hf); with consolidate, the ckpt.pt to write ('' = OUT_DIR/ckpt.pt)
+consolidate = ""  # an FSDP run's out_dir: write its sharded ckpt_dcp/ as one ckpt.pt (weights, no optimizer)
+# -----------------------------------------------------------------------------
+SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+
+from configurator import configure, install_error_hook  # noqa: E402
+from gpt_trainer import checkpoint  # noqa: E402
+from gpt_trainer.hf import checkpoint_tokenizer_files, export_model, read_gpt2_tokenizer_files  # noqa: E402
 
 
 def export_hf(ckpt_path, out_dir):
     """Export one of our checkpoints with its tokenizer: the HF or bpe tokenizer its data was
     encoded with, or GPT-2's files when its data was GPT-2 BPE. Returns (model, what tokenizer
     was written: 'hf', 'bpe', 'gpt2' or None)."""
-    ckpt = load_checkpoint(ckpt_path)
-    model = build_model(ckpt, ckpt_path)
+    ckpt = checkpoint.load_checkpoint(ckpt_path)
+    model = checkpoint.build_model(ckpt, ckpt_path)
     meta = ckpt.get("meta") or {}
     tokenizer, kind = checkpoint_tokenizer_files(meta), meta.get("encoding")
     from_gpt2 = str((ckpt.get("config") or {}).get("init_from", "")).startswith("gpt2")
@@ -32,22 +42,12 @@ def export_hf(ckpt_path, out_dir):
 
 
 def main(argv):
-    parser = ArgumentParser(description="Export a checkpoint as a Hugging Face directory (GPT-2, "
-                                        "Llama or Qwen3, by its architecture), or consolidate a "
-                                        "sharded (FSDP) checkpoint into one ckpt.pt.")
-    parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to export")
-    parser.add_argument("--out", default=None, help="directory to write (config.json, model.safetensors); "
-                                                    "default out/hf; with --consolidate: the ckpt.pt to "
-                                                    "write, default OUT_DIR/ckpt.pt")
-    parser.add_argument("--consolidate", default="", metavar="OUT_DIR",
-                        help="write OUT_DIR/ckpt_dcp/ (an FSDP run's sharded checkpoint) as one ckpt.pt "
-                             "(weights, no optimizer) for sample.py, evaluate.py and export")
-    args = parser.parse_args(argv)
-    if args.consolidate:
-        print(f"wrote {consolidate(args.consolidate, args.out)}")
+    s = configure({k: globals()[k] for k in SETTINGS}, argv, __file__)
+    if s["consolidate"]:
+        print(f"wrote {checkpoint.consolidate(s['consolidate'], s['out'] or None)}")
         return
-    out = args.out or "out/hf"
-    model, tokenizer = export_hf(args.ckpt, out)
+    out = s["out"] or "out/hf"
+    model, tokenizer = export_hf(s["ckpt"], out)
     n = sum(p.numel() for p in model.parameters())
     with open(os.path.join(out, "config.json")) as f:
         arch = json.load(f)["architectures"][0]
