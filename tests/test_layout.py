@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from trainutil import REPO
 
 COMMANDS = ("train", "sample", "evaluate", "bench", "export")  # the scripts a user runs
