@@ -56,7 +56,7 @@ def keep_freed_memory():
     """glibc hands big freed blocks back to the OS, so each CPU training step page-faults its
     activations in again (~1,200 faults per iteration of the CPU recipe). Keep blocks up to
     glibc's 32 MiB limit in the heap and never trim it: 3x fewer page faults over a run and
-    ~15% faster steps (README, Benchmarks). A no-op where malloc is not glibc's."""
+    ~15% faster steps (docs/benchmarks.md). A no-op where malloc is not glibc's."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD

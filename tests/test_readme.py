@@ -1,5 +1,5 @@
 """
-Every command README.md shows is run as written, so a documented example cannot silently
+Every command README.md and docs/*.md show is run as written, so a documented example cannot silently
 break. plan() says how each one runs here: as written, with tiny settings appended where it
 would train or sample for long (and torchrun's 8 processes as 2), or skipped with the reason
 (a download from the internet, a second machine, a nanoGPT checkout). The slow test runs them
@@ -18,6 +18,7 @@ import pytest
 from trainutil import REPO, SHAKESPEARE, child_env
 
 README = os.path.join(REPO, "README.md")
+DOCS = sorted(os.path.join(REPO, "docs", f) for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md"))
 COMMAND = re.compile(r"^    (python|torchrun|pip|bash|hf |NANO)")
 # appended to every train.py run: a tiny model, two iterations, and a fresh start in an out_dir
 # that an earlier command of the README already trained into
@@ -40,20 +41,20 @@ SKIPS = [  # (a part of the command, why it cannot run here)
     ("hf download", "downloads SmolLM2 from the Hugging Face hub"),
     ("SmolLM2", "needs SmolLM2-135M from the hub"), ("smollm2", "needs SmolLM2-135M from the hub"),
     ("--nnodes=2", "needs a second machine"), ("NANO", "needs a nanoGPT checkout ($NANOGPT)"),
-    ("--input=src/", "run with the inputs it names by tests/test_prepare.py::test_readme_data_commands"),
-    ("--input='logs", "run with the inputs it names by tests/test_prepare.py::test_readme_data_commands"),
-    ("--input=docs.parquet", "run with the inputs it names by tests/test_prepare.py::test_readme_data_commands"),
+    ("--input=src/", "run with the inputs it names by tests/test_dataprep.py::test_readme_data_commands"),
+    ("--input='logs", "run with the inputs it names by tests/test_dataprep.py::test_readme_data_commands"),
+    ("--input=docs.parquet", "run with the inputs it names by tests/test_dataprep.py::test_readme_data_commands"),
     ("--input=hf:", "downloads a dataset from the Hugging Face hub"),
-    ("--input=big/", "run with the inputs it names by tests/test_prepare.py::test_readme_data_commands"),
+    ("--input=big/", "run with the inputs it names by tests/test_dataprep.py::test_readme_data_commands"),
     ("smollm2-135m-random", "a 135M-parameter measurement; tests/test_hf_llama.py trains imported models"),
     ("/tmp/bench_char", "the data of the 135M-parameter measurement above"),
 ]
 
 
 def readme_commands():
-    """The README's shell commands: indented lines that start with a command, continuation
-    lines (trailing backslash) joined, in order."""
-    lines, commands = open(README).read().splitlines(), []
+    """The shell commands of README.md, then of each docs/*.md: indented lines that start with
+    a command, continuation lines (trailing backslash) joined, in order."""
+    lines, commands = [line for path in [README, *DOCS] for line in open(path).read().splitlines()], []
     i = 0
     while i < len(lines):
         if COMMAND.match(lines[i]):
