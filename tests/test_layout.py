@@ -2,6 +2,7 @@
 module imports on its own without pulling in a command script, and no project module imports
 another in a cycle."""
 import ast
+import re
 import os
 import subprocess
 import sys
@@ -94,3 +95,12 @@ def test_each_library_module_imports_alone():
     p = subprocess.run([sys.executable, "-c", IMPORT_EACH, ",".join(LIBRARY), ",".join(COMMANDS), ",".join(TORCH_FREE)],
                        cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_readme_file_map_names_every_file():
+    """The README's file map has a line for every script on top and every library module."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    mapped = set(re.findall(r"^\| `([^`]+)` \|", readme, flags=re.M))
+    scripts = {f for f in os.listdir(REPO) if f.endswith(".py")}
+    library = {f"gpt_trainer/{m}.py" for m in LIBRARY}
+    assert scripts | library <= mapped, sorted((scripts | library) - mapped)
