@@ -126,8 +126,8 @@ def run_command(argv, env=None, echo=False, shell=False, stamps=None):
         lines.append(line)
         if stamps is not None:
             stamps.append((time.perf_counter() - t0, line))
-        if echo:
-            print(line, end="", flush=True)
+        if echo:  # timed runs show when each line came, so a cut-off run still tells its times
+            print(f"[{time.perf_counter() - t0:7.1f}s] " * (stamps is not None) + line, end="", flush=True)
     proc.stdout.close()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap it again
@@ -334,14 +334,14 @@ def bench_to_val(setting, common, args, command=None):
     train loss X, val loss Y` lines, timed from launch (imports, data and compilation
     included: each run compiles from an empty torch.compile cache, as on a fresh machine)."""
     with tempfile.TemporaryDirectory(prefix="bench-") as out_dir:
-        env, argv = train_argv(setting, common, out_dir, args.nproc,
-                               forced=["--init_from=scratch", "--wandb_log=False"])
+        env, argv = {}, command
+        if not command:
+            env, argv = train_argv(setting, common, out_dir, args.nproc,
+                                   forced=["--init_from=scratch", "--wandb_log=False"])
         stamps = []
         env = {**env, "PYTHONUNBUFFERED": "1",  # lines must arrive when printed to be timed
                "TORCHINDUCTOR_CACHE_DIR": os.path.join(out_dir, "inductor"),
                "TRITON_CACHE_DIR": os.path.join(out_dir, "triton")}
-        if command:
-            argv = command
         rc, output, _, _, wall = run_command(argv, {**os.environ, **env}, args.verbose, stamps=stamps,
                                              shell=bool(command))
         if rc != 0:

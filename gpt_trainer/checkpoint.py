@@ -506,7 +506,8 @@ def save_sharded(model, optimizers, state, out_dir, rank):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    finite = torch.tensor(float(all(torch.isfinite(t).all() for t in local)))
+    # on the weights' device: NCCL reduces no CPU tensors
+    finite = torch.tensor(float(all(torch.isfinite(t).all() for t in local)), device=local[0].device)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
         raise CheckpointError(f"not writing a checkpoint to {out_dir}/ckpt_dcp: weights hold NaN/inf; "

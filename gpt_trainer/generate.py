@@ -133,7 +133,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     graphs = None  # on CUDA each cached step within block_size is one CUDA graph replay
     if use_cache and cuda_graphs and idx.device.type == "cuda" and not model.training:
         from gpt_trainer.cuda_decode import graph_decoder
-        graphs = graph_decoder(model, B, decode_fn, params, compile=cuda_graphs == "compile")
+        graphs = graph_decoder(model, B, compile=cuda_graphs == "compile")
     for L in range(T, T + max_new_tokens):  # L tokens so far
         with decoding(model.lm_head.weight):
             if not use_cache:
@@ -143,12 +143,12 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
                 if model.training:
                     logits = model(step, kv_cache=cache, sliding=sliding)[0]
                 elif graphs is not None and cache.pos < bs:
-                    logits = graphs.step(step, cache)
+                    logits = graphs.step(model, decode_fn, params, step, cache)
                 else:
                     logits = decode_fn(model, step, cache, params)
             else:
                 keep = bs if (window != "chunked" or L <= bs) else max(1, bs // 2)
-                cache = graphs.new_cache(KVCache) if graphs else KVCache(model.config.n_layer)
+                cache = graphs.new_cache(KVCache, model.config.n_layer) if graphs else KVCache(model.config.n_layer)
                 logits, _ = model(seq[:, max(0, L - keep):L], kv_cache=cache)
         next_token = sample_next(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
         seq[:, L:L + 1] = next_token

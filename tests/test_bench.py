@@ -167,6 +167,20 @@ def test_quality_times_whole_runs(tiny_data, tmp_path):
     assert "--init_from=scratch" in a["command"] and "B's seconds to val <= 10.0" in out
 
 
+@pytest.mark.slow
+def test_quality_against_an_external_command(tiny_data, tmp_path):
+    """--quality --compare-cmd: B is a command printing nanoGPT's `step N: train loss X, val
+    loss Y` lines; A's time to the target is reported over B's (B's best where it never got there)."""
+    lines = "; ".join(f"print('step {i}: train loss 9.0, val loss {v}', flush=True)" for i, v in ((0, 9.5), (4, 9.0)))
+    out, report = run_bench(*TINY_TRAIN, f"--data_dir={tiny_data}", "--quality", "--target=10",
+                            "--compare-cmd", f'{sys.executable} -c "{lines}"', tmp_path=tmp_path)
+    a, b = report["A"][0], report["B"][0]
+    assert [e[1:] for e in b["evals"]] == [[0, 9.5], [4, 9.0]] and b["best_val_loss"] == 9.0
+    assert a["s_to_target"] and b["s_to_target"] == b["evals"][0][0]
+    assert report["a_over_b"] == [pytest.approx(a["s_to_target"] / b["s_to_target"])]
+    assert "A's seconds to val <= 10.0 / B's" in out
+
+
 def test_sample_bad_model_setting_is_a_user_error():
     with pytest.raises(UserError, match=r"--sample model settings: n_embd=64 is not divisible by n_head=6"):
         bench.sample_models({"n_embd": 64, "n_head": 6}, 0, None)

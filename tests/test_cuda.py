@@ -17,8 +17,9 @@ import sys
 import pytest
 import torch
 
-from gpt_trainer.metrics import read_metrics
+from gpt_trainer.cuda_decode import DECODERS
 from gpt_trainer.generate import generate
+from gpt_trainer.metrics import read_metrics
 from model import GPT, GPTConfig
 from test_model import ARCHS, TINY as TINY_MODEL, tiny_model
 from trainutil import (REPO, char_data, last_logged_iter, load_ckpt, popen_train, run_torchrun, run_train,  # noqa: F401
@@ -135,7 +136,7 @@ def test_architecture_trains_and_decodes(arch):
     model = tiny_model(**ARCHS[arch]).cuda()
     prompt = torch.randint(64, (2, 3), device="cuda")
     graphs = generate(model, prompt, 25, temperature=0)
-    assert model._graph_decoders, "generate did not use CUDA graphs"
+    assert DECODERS.get(model), "generate did not use CUDA graphs"
     full = generate(model, prompt, 25, temperature=0, use_cache=False)
     eager = generate(model, prompt, 25, temperature=0, cuda_graphs=False)
     assert torch.equal(graphs, eager) and torch.equal(graphs, full), (graphs, eager, full)

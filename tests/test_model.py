@@ -329,3 +329,26 @@ def test_sliding_positions_convention():
         model(idx)  # only when asked for
     with pytest.raises(ValueError, match="rope"):
         next(generate_stream(tiny_model(), idx[:, :4], 1, window="sliding"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama_like"])
+def test_static_cache_decode_equals_sliced_cache(arch):
+    """The CUDA graph's step (cuda_decode.StaticKVCache: buffers of block_size, the position a
+    tensor, unfilled slots masked) computes what the eager step over a sliced cache does; run
+    here on the CPU, where no graph is captured."""
+    from gpt_trainer.cuda_decode import StaticKVCache
+    from gpt_trainer.generate import KVCache, decode, decode_params
+    model = tiny_model(**ARCHS[arch])
+    prompt = prompts(2, 5)
+    with torch.no_grad():
+        sliced, static = KVCache(model.config.n_layer), KVCache(model.config.n_layer)
+        model(prompt, kv_cache=sliced)
+        model(prompt, kv_cache=static)
+        static = StaticKVCache(static.k, static.v, torch.tensor([static.pos]))
+        params = decode_params(model)
+        steps = prompts(2, 6, seed=2)
+        for t in range(6):
+            token = steps[:, t:t + 1]  # (B, 1)
+            expected, got = decode(model, token, sliced, params), decode(model, token, static, params)
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+        assert int(static.pos) == sliced.pos == 11

@@ -33,6 +33,7 @@ TINY_BENCH_TRAIN = ("--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --batch_
 TINY_BENCH_QUALITY = "--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --max_iters=4 --eval_interval=2 --eval_iters=1"
 SKIPS = [  # (a part of the command, why it cannot run here)
     ("python -m pytest", "the test suite itself"), ("bash .ci/run", "the test suite itself"),
+    ("bash .ci/gpu", "needs a CUDA GPU and a nanoGPT checkout"),
     ("init_from=gpt2", "downloads OpenAI's GPT-2 from the Hugging Face hub"),
     ("finetune_shakespeare", "downloads OpenAI's GPT-2 XL from the Hugging Face hub"),
     ("out-shakespeare/", "needs the GPT-2 XL fine-tune above"),
