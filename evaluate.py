@@ -37,7 +37,7 @@ SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinsta
 
 import json  # noqa: E402
 
-from configurator import ConfigError, configure, install_error_hook  # noqa: E402
+from configurator import configure, install_error_hook  # noqa: E402
 from gpt_trainer.dataloader import open_dataset  # noqa: E402
 from gpt_trainer.evaluation import (estimate_loss, format_results, load_tasks, parse_tasks, score_tasks,  # noqa: E402
                                     token_byte_lengths)
@@ -62,9 +62,6 @@ def main(s):
     ddp, rank, _, world_size, device, _, _, ctx = setup(s["device"], s["dtype"], s["backend"])
     model, tok, source, data_dir = load_model(s)
     cfg = model.config
-    if tok.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"the model has vocab_size {cfg.vocab_size} but its tokenizer ({tok.name}) has "
-                          f"{tok.vocab_size} tokens; they do not belong together")
     model.eval().to(device)
     if s["compile"]:
         model.compile(dynamic=True)
