@@ -57,8 +57,14 @@ def exec_config_file(path, settings):
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} not found (settings are passed as --key=value)")
     scope = dict(settings)
-    with open(path) as f:
-        source = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          f"save the config file as UTF-8")
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}")
     try:
         exec(compile(source, path, "exec"), scope)
     except Exception as e:
@@ -132,8 +138,12 @@ def one_of(*choices):
     return (lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
 
 
+def finite(v):
+    return v == v and v not in (float("inf"), float("-inf"))  # 1e999 parses as inf
+
+
 def at_least(low):
-    return (lambda v: v >= low, f">= {low}")
+    return (lambda v: v >= low and finite(v), f">= {low} and finite")
 
 
 def in_range(low, high):
@@ -141,11 +151,16 @@ def in_range(low, high):
     return (lambda v: low <= v < high, f"in [{low}, {high})")
 
 
-def check_settings(settings, rules, source_file):
-    """Every setting against its rule in `rules`, before anything is created or computed."""
+def check_settings(settings, rules, source_file, relations=()):
+    """Every setting against its rule in `rules`, then the rules between settings
+    (relations: (test(settings), message(settings))), before anything is created or computed."""
     missing = sorted(set(settings) - set(rules))
     if missing:  # a bug of ours, not the user's: a setting was added without a rule
         raise KeyError(f"{source_file}: no rule for setting(s) {missing}")
     for key, (ok, expected) in rules.items():
         if not ok(settings[key]):
             raise ConfigError(f"{key}={settings[key]!r} is not valid: it must be {expected}")
+    for ok, message in relations:
+        if not ok(settings):
+            raise ConfigError(message(settings))
+

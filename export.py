@@ -21,6 +21,7 @@ SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinsta
 
 from configurator import configure, install_error_hook  # noqa: E402
 from gpt_trainer import checkpoint  # noqa: E402
+from gpt_trainer.errors import HFError  # noqa: E402
 from gpt_trainer.hf import checkpoint_tokenizer_files, export_model, read_gpt2_tokenizer_files  # noqa: E402
 
 
@@ -28,6 +29,8 @@ def export_hf(ckpt_path, out_dir):
     """Export one of our checkpoints with its tokenizer: the HF or bpe tokenizer its data was
     encoded with, or GPT-2's files when its data was GPT-2 BPE. Returns (model, what tokenizer
     was written: 'hf', 'bpe', 'gpt2' or None)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise HFError(f"--out={out_dir} is a file, not a directory; pick another --out")
     ckpt = checkpoint.load_checkpoint(ckpt_path)
     model = checkpoint.build_model(ckpt, ckpt_path)
     meta = ckpt.get("meta") or {}

@@ -54,6 +54,14 @@ def check_settings(s):
                           f"{s['temperature']}, {s['top_k']}, {s['top_p']}")
     if s["window"] not in WINDOWS:
         raise SampleError(f"window={s['window']!r} is not one of {WINDOWS}")
+    # the tokens of every sample are held in one (num_samples, prompt + max_new_tokens) int64
+    # tensor, allocated up front: refuse what no memory holds instead of failing in the allocator
+    need = s["num_samples"] * s["max_new_tokens"] * 8
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have // 2:
+        raise SampleError(f"max_new_tokens={s['max_new_tokens']:,} x num_samples={s['num_samples']} needs "
+                          f"{need / 2**30:,.1f} GiB for the tokens alone, more than half of this machine's "
+                          f"{have / 2**30:,.1f} GiB; ask for fewer tokens")
 
 
 def unescape(text):
@@ -71,8 +79,12 @@ def read_prompt(start):
     path = start[len("FILE:"):]
     if not os.path.isfile(path):
         raise SampleError(f"start=FILE:{path}: {path} not found")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise SampleError(f"start=FILE:{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); save the prompt as UTF-8")
 
 
 def encode_prompt(tok, text, block_size):

@@ -26,11 +26,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import (ANY, ConfigError, UserError, at_least, check_settings, configure, in_range,
                           install_error_hook, one_of)
 from gpt_trainer import checkpoint
-from gpt_trainer.checkpoint import (build_model, check_model_args, claim_out_dir, last_saved, load_resume_point,
-                                    model_config, resume_training, save_training_state, save_weights, start_over)
+from gpt_trainer.checkpoint import (build_model, capture_rng, check_model_args, claim_out_dir, last_saved,
+                                    load_resume_point, model_config, restore_rng, resume_training,
+                                    save_training_state, save_weights, start_over)
 from gpt_trainer.dataloader import BatchLoader, check_same_tokenizer, load_meta, open_dataset
-from gpt_trainer.evaluation import (TASKS, estimate_loss, eval_tokenizer, format_results, load_tasks, parse_tasks,
-                                    score_tasks, token_byte_lengths)
+from gpt_trainer.evaluation import (TASKS, Interrupted, estimate_loss, eval_tokenizer, format_results, load_tasks,
+                                    parse_tasks, score_tasks, split_tasks, token_byte_lengths)
+from gpt_trainer.hf import GPT2_NAMES
 from gpt_trainer.metrics import MetricsLogger
 from gpt_trainer.optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
 from gpt_trainer.runtime import (StopSignal, derive_grad_accum, keep_freed_memory, peak_flops, peak_gpu_memory_mb,
@@ -44,7 +46,7 @@ out_dir = "out"  # checkpoints, metrics.jsonl and logs go here
 eval_interval = 2000  # iterations between evaluations of train and val loss
 log_interval = 1  # iterations between log lines (each costs a host sync)
 eval_iters = 200  # batches per split in each evaluation (a fixed set, the same every time)
-eval_tasks = ""  # multiple-choice tasks scored during training, comma-separated: 'hellaswag'; '' = none
+eval_tasks = ""  # tasks scored during training, comma-separated: 'hellaswag', then 'lm_eval:NAME' (this and all after it: lm-evaluation-harness tasks or task YAML paths); '' = none
 eval_tasks_interval = 0  # iterations between scorings of eval_tasks; 0 = eval_interval
 eval_tasks_max = 0  # examples per task in each scoring (the first ones, the same every time); 0 = all
 hellaswag_path = "data/hellaswag/hellaswag_val.jsonl"  # HellaSwag's validation set; downloaded when missing
@@ -59,6 +61,7 @@ wandb_log = False  # log to Weights & Biases as well as out_dir/metrics.jsonl
 wandb_project = "owt"  # wandb project name
 wandb_run_name = "gpt2"  # wandb run name
 tensorboard_log = False  # also write the logged numbers to out_dir/tensorboard for TensorBoard
+plot = False  # write out_dir/metrics.png (plot.py's figure of metrics.jsonl) after every eval
 # data
 dataset = "openwebtext"  # a prepared dataset under data/
 data_dir = ""  # explicit path to a dataset directory; overrides dataset when set
@@ -118,12 +121,12 @@ BY_GPTCONFIG = (lambda v: True, "what model.GPTConfig accepts (check_model_setti
 RULES = dict(
     out_dir=(lambda v: v != "", "a directory path"), eval_interval=POSITIVE, log_interval=POSITIVE,
     eval_iters=POSITIVE, eval_only=ANY, ckpt_interval=NON_NEGATIVE, always_save_checkpoint=ANY,
-    init_from=(lambda v: v in ("scratch", "resume", "auto") or v.startswith("gpt2") or os.path.isdir(v),
+    init_from=(lambda v: v in ("scratch", "resume", "auto", *GPT2_NAMES) or os.path.isdir(v),
                "'scratch', 'resume', 'auto', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a "
                "Hugging Face model directory that exists"),
-    eval_tasks=(lambda v: all(name.strip() in TASKS for name in v.split(",") if name.strip()),
-                f"comma-separated task names from {', '.join(TASKS)}, or ''"), eval_tasks_interval=NON_NEGATIVE, eval_tasks_max=NON_NEGATIVE, hellaswag_path=ANY,
-    tensorboard_log=ANY, overwrite=ANY, max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
+    eval_tasks=(lambda v: parse_tasks(v, "eval_tasks") is not None,  # names the bad task itself
+                f"comma-separated task names from {', '.join(TASKS)}, then lm_eval:NAME entries, or ''"), eval_tasks_interval=NON_NEGATIVE, eval_tasks_max=NON_NEGATIVE, hellaswag_path=ANY,
+    tensorboard_log=ANY, plot=ANY, overwrite=ANY, max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
     dataset=(lambda v: v != "", "a directory name under data/"), data_dir=ANY,
     gradient_accumulation_steps=POSITIVE, total_batch_size=NON_NEGATIVE, batch_size=POSITIVE,
     sampling=one_of("random", "epoch"),
@@ -139,8 +142,18 @@ RULES = dict(
     device=(lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
             "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     dtype=one_of("auto", "float32", "bfloat16", "float16"), compile=one_of("auto", True, False),
-    seed=NON_NEGATIVE,
+    seed=(lambda v: 0 <= v < 2**31, "in [0, 2**31): it seeds numpy's generator too, which takes 32 bits"),
 )
+DECAYS = lambda c: c["decay_lr"] and c["lr_schedule"] != "constant"  # noqa: E731 (min_lr, lr_decay_iters are used)
+# rules between settings, checked after each setting's own
+RELATIONS = [
+    (lambda c: not DECAYS(c) or c["min_lr"] <= c["learning_rate"],
+     lambda c: f"min_lr={c['min_lr']!r} is above learning_rate={c['learning_rate']!r}: the schedule would "
+               f"raise the learning rate as it decays; set --min_lr lower (nanoGPT uses learning_rate / 10)"),
+    (lambda c: not DECAYS(c) or c["warmup_iters"] <= c["lr_decay_iters"],
+     lambda c: f"warmup_iters={c['warmup_iters']} is past lr_decay_iters={c['lr_decay_iters']}: the decay "
+               f"would end before the warmup does; set --lr_decay_iters to at least warmup_iters (usually max_iters)"),
+]
 
 
 def check_model_settings(config):
@@ -161,7 +174,7 @@ if __name__ == "__main__":
     defaults = {k: globals()[k] for k in SETTINGS}
     globals().update(configure(defaults, sys.argv[1:], __file__))
     config = {k: globals()[k] for k in SETTINGS}  # what this run used, saved in checkpoints
-    check_settings(config, RULES, __file__)
+    check_settings(config, RULES, __file__, RELATIONS)
     check_model_settings(config)
     explicit = {k for k in SETTINGS if config[k] != defaults[k]}
 
@@ -173,6 +186,8 @@ if __name__ == "__main__":
         keep_freed_memory()
     if fsdp and not ddp:
         raise ConfigError("fsdp=True needs torchrun (e.g. torchrun --nproc_per_node=2 train.py ...)")
+    if fsdp and split_tasks(eval_tasks)[1]:  # the harness's ranks run different numbers of forwards
+        raise ConfigError("eval_tasks with lm_eval: tasks cannot run under fsdp=True; use DDP, or evaluate.py on a checkpoint")
     if fsdp and optimizer == "muon":
         raise ConfigError("optimizer='muon' needs whole weight matrices; use it without fsdp")
     grad_accum = derive_grad_accum(gradient_accumulation_steps, total_batch_size, batch_size,
@@ -180,6 +195,15 @@ if __name__ == "__main__":
     tokens_per_iter = grad_accum * world_size * batch_size * block_size
     if ddp:
         report_dead_ranks(rank, lambda: last_saved(out_dir, fsdp))
+    # from here a stop signal is heard: the loop saves at its first chance and exits 0
+    stop = StopSignal(ddp)
+    # what the settings name must exist and fit before anything is created, deleted or
+    # downloaded into out_dir: the dataset, the tokenizer and the files of eval_tasks
+    data_dir = data_dir or os.path.join("data", dataset)
+    _, meta = open_dataset(data_dir, block_size, check_ids=False)
+    task_names = parse_tasks(eval_tasks, "eval_tasks")
+    tok = eval_tokenizer(meta, data_dir, required=bool(task_names), quiet=not master_process)
+    tasks = load_tasks(task_names, {"hellaswag": hellaswag_path}, tok, block_size, eval_tasks_max, rank, ddp)
     # out_dir is this run's alone until it exits (a lock that dies with it); a run that does not
     # resume stops here, before writing anything, if out_dir holds another run's checkpoints
     auto = init_from == "auto"
@@ -195,7 +219,6 @@ if __name__ == "__main__":
     # model: from scratch, a checkpoint, or GPT-2 weights
     ckpt_path = checkpoint.ckpt_path(out_dir)
     resume_path = os.path.join(out_dir, checkpoint.SHARDED) if fsdp else ckpt_path
-    data_dir = data_dir or os.path.join("data", dataset)
     ckpt, iter_num, best_val_loss, bad_steps = None, 0, 1e9, 0
     if init_from == "scratch":
         meta_vocab = load_meta(data_dir).get("vocab_size") if os.path.isdir(data_dir) else None
@@ -268,10 +291,7 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # logging: metrics.jsonl in out_dir always, wandb and TensorBoard when asked; what evaluations need
-    task_names = parse_tasks(eval_tasks, "eval_tasks")
-    tok = eval_tokenizer(meta, data_dir, required=bool(task_names), quiet=not master_process)
     token_bytes = token_byte_lengths(tok, raw_model.config.vocab_size) if tok else None  # for val bpb
-    tasks = load_tasks(task_names, {"hellaswag": hellaswag_path}, tok, block_size, eval_tasks_max, rank, ddp)
     logger = MetricsLogger(out_dir, iter_num, config, wandb_log, wandb_project, wandb_run_name,
                            tensorboard_log) if master_process else None
 
@@ -279,12 +299,20 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # training loop
-    stop = StopSignal(ddp)
     start_iter = iter_num
     ckpt_every = ckpt_interval or eval_interval
 
     def checkpoint_due(it):
         return it > start_iter and (it % ckpt_every == 0 or it >= max_iters)
+
+    def save_resume_point(it, where=None):
+        """A stop signal: save the state at iteration `it` on every rank (the run exits 0)."""
+        if where and master_process:
+            print(f"stopped {where} iter {it}", file=sys.stderr)
+        save_training_state(ckpt_path, raw_model, optimizers, scaler, loader.state_dict(it), fsdp,
+                            **run_info, iter_num=it, best_val_loss=best_val_loss, bad_steps=bad_steps)
+        if master_process:
+            print(f"saved {resume_path} at iter {it}; resume with --init_from=resume")
 
     finite_flags = []  # one per step since the host last counted skipped updates
     t0 = time.perf_counter()
@@ -296,13 +324,23 @@ if __name__ == "__main__":
         tasks_due = bool(tasks) and (iter_num % (eval_tasks_interval or eval_interval) == 0
                                      or iter_num == max_iters or eval_only)
         if eval_due or tasks_due:
-            results = estimate_loss(eval_model, splits, block_size, batch_size, eval_iters, ctx, device,
-                                    rank, world_size, token_bytes) if eval_due else {}
-            if tasks_due:
-                results.update(score_tasks(tasks, eval_model, batch_size, ctx, device, rank, world_size))
+            try:  # a stop signal is heard between batches: a long eval never outlasts a grace period
+                results = estimate_loss(eval_model, splits, block_size, batch_size, eval_iters, ctx, device,
+                                        rank, world_size, token_bytes, stop.any_rank) if eval_due else {}
+                if tasks_due:
+                    results.update(score_tasks(tasks, eval_model, batch_size, ctx, device, rank, world_size,
+                                               stop.any_rank))
+            except Interrupted:
+                if eval_only:
+                    raise TrainingError("stopped by a signal during the evaluation; no results")
+                save_resume_point(iter_num, "during the evaluation of")  # the state before it: exact
+                break
             if master_process:
                 print(f"step {iter_num}: {format_results(results)}")
                 logger.log({"iter": iter_num, **results})
+                if plot:
+                    from gpt_trainer.plotting import plot as plot_runs
+                    plot_runs([out_dir])
             if eval_only:
                 break
             if eval_due and results["val_loss"] < best_val_loss:
@@ -327,13 +365,24 @@ if __name__ == "__main__":
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
         loss_sum = torch.zeros((), device=device)
+        rng = capture_rng() if grad_accum > 1 else None  # a step stopped part way leaves no trace
         for micro_step in range(grad_accum):
+            if micro_step and stop.any_rank():  # a long step (many micro-steps) is cut short
+                break
             set_grad_sync(model, micro_step == grad_accum - 1)
             x, y = loader.get(iter_num, rank * grad_accum + micro_step)
             with ctx:
                 _, loss = model(x, y)
             loss_sum += loss.detach().float()
             scaler.scale(loss / grad_accum).backward()
+        else:
+            rng = None
+        if rng is not None:  # stopped between micro-steps: drop them, save the state before the step
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            restore_rng(rng)
+            save_resume_point(iter_num, "in the middle of")
+            break
 
         # clip the unscaled gradients; skip the update if the loss or gradients are not finite,
         # decided on the device: the host learns of it at the next log or checkpoint step
@@ -385,12 +434,13 @@ if __name__ == "__main__":
 
         # a signal on any rank: save at this step on every rank, exit 0
         if stopping:
-            save_training_state(ckpt_path, raw_model, optimizers, scaler, loader.state_dict(iter_num), fsdp,
-                                **run_info, iter_num=iter_num, best_val_loss=best_val_loss, bad_steps=bad_steps)
-            if master_process:
-                print(f"saved {resume_path} at iter {iter_num}; resume with --init_from=resume")
+            save_resume_point(iter_num)
             break
 
+    if bad_steps and not eval_only:  # the last steps' updates were skipped: that is no finished run
+        raise TrainingError(f"the run ended after {bad_steps} non-finite step(s) in a row (the last at iter "
+                            f"{iter_num - 1}), so its weights were not saved; lower learning_rate or check "
+                            f"the data; {last_saved(out_dir, fsdp)}")
     loader.close()
     if master_process:
         logger.close()

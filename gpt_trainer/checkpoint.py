@@ -11,19 +11,19 @@ A training run owns its out_dir while it runs (a lock), never starts over anothe
 checkpoints unless told to, and saves and restores its resume point through the functions
 below, which take everything they use as arguments.
 """
-import fcntl
+import dataclasses
 import os
 import pickle
 import random
 import shutil
 import socket
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from gpt_trainer.dirlock import _locks, lock_dir  # noqa: F401 (_locks: the tests release them)
 from gpt_trainer.errors import CheckpointError
 from gpt_trainer.fsutil import fsync_dir, write_failure
 from gpt_trainer.metrics import METRICS
@@ -67,39 +67,11 @@ def assert_finite(state_dict, path):
 # out_dir ownership: one run at a time, and a run that does not resume never starts over
 # another run's checkpoints unless told to
 
-_locks = {}  # realpath(out_dir) -> its open lock file, held until this process exits
-
-
 def lock_out_dir(out_dir):
     """Make out_dir this process's alone: flock on out_dir/.lock, which the kernel releases when
     the process ends in any way (kill -9 included), so no lock outlives its run. The holder's
     pid, host and start time are written into the file for the next run's error message."""
-    if os.path.realpath(out_dir) in _locks:
-        return _locks[os.path.realpath(out_dir)]
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise CheckpointError(f"out_dir={out_dir} is a file, not a directory; pick another --out_dir")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, LOCK), "a+")
-    except OSError as e:
-        raise CheckpointError(f"cannot use out_dir={out_dir}: {write_failure(e)}")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that is just starting"
-        f.close()
-        raise CheckpointError(f"{out_dir} is in use by another run ({holder}); wait for it to end, "
-                              f"stop it, or pick another --out_dir")
-    try:
-        f.truncate(0)
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
-        f.flush()
-    except OSError:
-        pass  # the lock holds without the note (a full disk); the next run's message is vaguer
-    _locks[os.path.realpath(out_dir)] = f
-    return f
+    return lock_dir(out_dir, CheckpointError, "out_dir", "run")
 
 
 def resume_point(out_dir, fsdp=False):
@@ -299,11 +271,16 @@ def build_model(ckpt, path, dropout=None):
 
 
 def check_model_args(saved, requested, path):
-    """Architecture settings given for this run must agree with the checkpoint's."""
+    """Architecture settings given for this run must agree with the checkpoint's. A key the
+    checkpoint lacks (nanoGPT's have 7) is built with GPTConfig's default, so an override of it
+    is compared with that default: never ignored in silence."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
     for key, value in requested.items():
-        if key in saved and key != "dropout" and saved[key] != value:
-            raise CheckpointError(f"{path}: model_args.{key}={saved[key]!r} but this run sets "
-                                  f"{key}={value!r}; drop the override or use a new out_dir")
+        have = saved.get(key, defaults.get(key))
+        if key != "dropout" and (key in saved or key in defaults) and have != value:
+            where = f"model_args.{key}={have!r}" if key in saved else f"no {key} (so {key}={have!r}, the default)"
+            raise CheckpointError(f"{path} has {where} but this run sets {key}={value!r}; drop the override "
+                                  f"or use a new out_dir")
 
 
 def capture_rng():
@@ -351,6 +328,10 @@ def load_resume_point(out_dir, fsdp=False):
             raise CheckpointError(f"{path} has no valid {key!r} ({ckpt.get(key)!r}), so it cannot resume; "
                                   f"it was not written by train.py (this project's or nanoGPT's)")
     ckpt["best_val_loss"] = float(ckpt.get("best_val_loss", 1e9))  # nanoGPT saves a 0-d tensor
+    for name, t in ckpt.get("model", {}).items():  # (sharded weights are checked when they are written)
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: weight {name} holds NaN/inf, so training cannot continue from it; "
+                                  f"resume from an earlier checkpoint or start over in another out_dir")
     return ckpt
 
 

@@ -22,7 +22,7 @@ from gpt_trainer.errors import DataError
 
 COMPRESSION = (".gz", ".xz", ".bz2", ".zst")
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
-OUTPUTS = ("train.bin", "val.bin", "meta.json", "tokenizer.json", PROGRESS)
+OUTPUTS = ("train.bin", "val.bin", "meta.json", "tokenizer.json", PROGRESS, ".lock")
 
 
 class BadRecord(Exception):
@@ -36,6 +36,11 @@ class BadRecord(Exception):
         where = f":{self.where}" if isinstance(self.where, int) else f": {self.where}" if self.where else ""
         at = f": byte {self.offset:,}" if self.offset is not None else ""
         return f"{name}{where}{at}: {self.reason}"
+
+
+class Unreadable(BadRecord):
+    """The file itself cannot be read to its end (a truncated or corrupt compressed stream, a
+    damaged parquet file, an I/O error): none of it is used, never a short document."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -96,22 +101,97 @@ def record_text(record, opts, offset, where):
 
 
 def open_binary(path):
-    """(readable binary stream, the raw file under it) for a maybe-compressed file."""
+    """(readable binary stream, the raw file under it) for a maybe-compressed file. The stream
+    raises Unreadable if the file cannot be read to its end: gzip, xz and bz2 say when their
+    data stops before the end-of-stream marker, and zstd frames are checked by ZstdFrames."""
     raw = open(path, "rb")
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".gz":
-        return gzip.GzipFile(fileobj=raw), raw
-    if suffix == ".xz":
-        return lzma.LZMAFile(raw), raw
-    if suffix == ".bz2":
-        return bz2.BZ2File(raw), raw
-    if suffix == ".zst":
+        f = gzip.GzipFile(fileobj=raw)
+    elif suffix == ".xz":
+        f = lzma.LZMAFile(raw)
+    elif suffix == ".bz2":
+        f = bz2.BZ2File(raw)
+    elif suffix == ".zst":
+        f = io.BufferedReader(ZstdFrames(raw, path), 1 << 20)
+    else:
+        f = raw
+    return CheckedStream(f, suffix if f is not raw else "file"), raw
+
+
+def _read_errors():
+    errors = [EOFError, OSError, lzma.LZMAError]
+    try:
+        import zstandard
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+class CheckedStream:
+    """read/readline of a (decompressing) stream whose failures (EOFError on a truncated
+    stream, BadGzipFile, LZMAError, ZstdError, an I/O error) become Unreadable at the offset
+    in the decompressed data where reading stopped."""
+    ERRORS = _read_errors()
+
+    def __init__(self, f, kind):
+        self.f, self.kind, self.offset = f, kind, 0
+
+    def _checked(self, fn, n):
+        try:
+            data = fn(n)
+        except self.ERRORS as e:
+            what = "read error" if self.kind == "file" else f"truncated or corrupt {self.kind[1:]} data"
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise Unreadable(f"{what} ({reason})", self.offset) from None
+        self.offset += len(data)
+        return data
+
+    def read(self, n=-1):
+        return self._checked(self.f.read, n)
+
+    def readline(self, n=-1):
+        return self._checked(self.f.readline, n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+class ZstdFrames(io.RawIOBase):
+    """The decompressed data of every zstd frame in a file. zstandard's stream_reader ends
+    silently at a truncated frame (and, by default, after the first frame); this reader
+    fails on a frame the file ends inside. Compressed data is fed 64 KiB at a time, which
+    bounds the memory a feed can take."""
+
+    def __init__(self, raw, path):
         try:
             import zstandard
         except ImportError:
             raise DataError(f"{path}: .zst needs the zstandard package (pip install zstandard)")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20), raw
-    return raw, raw
+        self.raw, self.dctx, self.frame, self.out, self.pending = raw, zstandard.ZstdDecompressor(), None, b"", b""
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        while not self.out:
+            data, self.pending = self.pending or self.raw.read(1 << 16), b""
+            if not data:
+                if self.frame is not None and not self.frame.eof:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            if self.frame is None or self.frame.eof:
+                self.frame = self.dctx.decompressobj()
+            self.out = self.frame.decompress(data)
+            if self.frame.eof:
+                self.pending = self.frame.unused_data  # the next frame's start
+        n = min(len(b), len(self.out))
+        b[:n], self.out = self.out[:n], self.out[n:]
+        return n
 
 
 def file_format(path):
@@ -200,14 +280,24 @@ class DatasetSource:
 
 
 def parquet_records(path, opts, skip):
+    import pyarrow as pa
     import pyarrow.parquet as pq  # datasets' own parquet reader; rows in bounded batches
-    f = pq.ParquetFile(path)
+    try:
+        f = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise Unreadable(f"not a readable parquet file ({str(e).strip()[:160]})")
     column = opts.path[0]
     if column not in f.schema_arrow.names:
         raise DataError(f"{path}: no column {column!r} (it has {', '.join(f.schema_arrow.names)}); "
                         f"set --text_field")
-    row = 0
-    for batch in f.iter_batches(batch_size=1000, columns=[column]):
+    row, batches = 0, f.iter_batches(batch_size=1000, columns=[column])
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:  # a damaged page: the rows after it are lost
+            raise Unreadable(f"damaged parquet data after row {row:,} ({str(e).strip()[:160]})")
+        if batch is None:
+            return
         for value in batch.column(0).to_pylist():
             if row not in skip:
                 yield row, _row_pieces({column: value}, opts, row)
@@ -251,12 +341,62 @@ def walk(root, patterns, out_dir):
     return sorted(found)
 
 
+def glob_pattern(pattern):
+    """A compiled regex for a glob of '/'-separated parts: '**' is any number of directories,
+    '*' and '?' stay inside one name and, as in glob, match no leading dot."""
+    parts, names = [], pattern.split("/")
+    for k, part in enumerate(names):
+        if part == "**":  # as the last part it names the files too
+            parts.append("(?:[^/.][^/]*/)*" + ("[^/.][^/]*/" if k == len(names) - 1 else ""))
+            continue
+        rx = "" if part.startswith((".", "[")) or part.strip("*?") == part else "(?![.])"
+        i = 0
+        while i < len(part):
+            c = part[i]
+            end = part.find("]", i + 2) if c == "[" else -1
+            if c == "*":
+                rx += "[^/]*"
+            elif c == "?":
+                rx += "[^/]"
+            elif end > 0:
+                body = part[i + 1:end]
+                rx += "[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]"
+                i = end
+            else:
+                rx += re.escape(c)
+            i += 1
+        parts.append(rx + "/")
+    return re.compile("".join(parts)[:-1] + r"\Z")
+
+
+def glob_files(spec):
+    """The files a glob names, sorted. glob.glob's '**' follows symlinked directories, so a
+    symlink loop makes it recurse until paths grow too long (two loops: exponentially); here
+    '**' walks like a directory input, without following directory links."""
+    if "**" not in spec:
+        return [p for p in sorted(glob.glob(spec)) if os.path.isfile(p)]
+    parts = spec.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    root = "/".join(parts[:fixed]) or ("/" if spec.startswith("/") else ".")
+    rx = glob_pattern("/".join(parts[fixed:]))
+    found = []
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, root)
+        for n in names:
+            path = os.path.join(dirpath, n)
+            if rx.match(n if rel == "." else f"{rel}/{n}".replace(os.sep, "/")) and os.path.isfile(path):
+                found.append(os.path.normpath(path) if root != "." else os.path.relpath(path))
+    return sorted(found)
+
+
 def find_inputs(args):
     sources, seen = [], set()
 
     def add(path):
-        if os.path.abspath(path) not in seen:
-            seen.add(os.path.abspath(path))
+        # by the file itself: links, '..' and overlapping inputs never take a file twice
+        if os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
             sources.append(FileSource(path))
 
     out_dir = os.path.abspath(args.out_dir)
@@ -273,7 +413,7 @@ def find_inputs(args):
         elif os.path.isfile(spec):
             add(spec)
         elif any(c in spec for c in "*?["):
-            files = [p for p in sorted(glob.glob(spec, recursive=True)) if os.path.isfile(p)]
+            files = glob_files(spec)
             if not files:
                 raise DataError(f"--input {spec}: no file matches this glob")
             for path in files:
@@ -609,6 +749,8 @@ def scan_inputs(sources, opts):
                     try:
                         n, c = _consume(pieces, lambda: bar.update(max(0, base + src.position() - bar.n)))
                     except BadRecord as e:
+                        if isinstance(e, Unreadable):
+                            raise  # not this document alone: the whole file
                         bad.append(rec)
                         first = first or e
                         continue
@@ -617,7 +759,7 @@ def scan_inputs(sources, opts):
                     else:
                         docs, nbytes, chars = docs + 1, nbytes + n, c
             except BadRecord as e:  # the rest of the file cannot be read: none of it is used
-                docs, bad, first = 0, "all", first or e
+                docs, bad, first = 0, "all", e if isinstance(e, Unreadable) else first or e
             if docs:
                 scan["bytes"], scan["chars"] = scan["bytes"] + nbytes, chars
             base += src.size
@@ -646,7 +788,7 @@ def _consume(pieces, tick):
 def report_problems(problems, opts, scan):
     lines = []
     for src, first, bad in problems:
-        more = (" (the rest of the file cannot be read)" if bad == "all" else
+        more = (" (the rest of the file cannot be read, so none of it is used)" if bad == "all" else
                 f" (and {len(bad) - 1:,} more bad document(s) in it)" if len(bad) > 1 else "")
         lines.append(first.describe(src.name) + more)
     if problems and not opts.skip:

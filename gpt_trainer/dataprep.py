@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from configurator import ArgumentParser
 from gpt_trainer.dataloader import dtype_for_vocab
+from gpt_trainer.dirlock import holding, lock_dir
 from gpt_trainer.errors import DataError
-from gpt_trainer.fsutil import download, fsync_dir, write_json
+from gpt_trainer.fsutil import download, fsync_dir, write_failure, write_json
 from gpt_trainer.tokenizer import CharTokenizer, tokenizer_from_meta, train_bpe
 
 META = "meta.json"
@@ -104,6 +105,9 @@ def interruptible(outcome):
         yield
     except KeyboardInterrupt as e:
         raise DataError(f"interrupted ({e or 'SIGINT'}); {outcome}") from None
+    except OSError as e:  # a full disk, a read-only mount, a file where a directory should be
+        where = f"{e.filename}: " if e.filename else ""
+        raise DataError(f"{where}{write_failure(e)}; {outcome}") from None
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -128,6 +132,30 @@ def _worker_signals():
 
 # ----------------------------------------------------------------------------------------
 # files of a data dir: written as .partial, committed together
+
+
+def lock_data_dir(out_dir):
+    """One prepare at a time per data dir (created if missing): a second one stops at once,
+    naming the first (dirlock; the lock dies with its process, kill -9 included)."""
+    return lock_dir(out_dir, DataError, "out_dir", "prepare")
+
+
+def data_dir_held(out_dir):
+    """lock_data_dir for a with block (released at its end unless held before)."""
+    return holding(out_dir, DataError, "out_dir", "prepare")
+
+
+def check_writable(out_dir):
+    """Before a long read of the inputs: out_dir, or the directory it would be created in, must
+    be a writable directory."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"out_dir={out_dir} is a file, not a directory; pick another --out_dir")
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is not a directory" if not os.path.isdir(parent) else "is not writable"
+        raise DataError(f"cannot create out_dir={out_dir}: {parent} {why}; pick another --out_dir")
 
 
 def partial_path(out_dir, name):
@@ -166,7 +194,8 @@ class TokenWriter:
             self.f.close()
 
     def abort(self):
-        self.f.close()
+        with contextlib.suppress(OSError):  # a full disk fails the flush too
+            self.f.close()
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.partial)
 
@@ -213,19 +242,25 @@ def token_files(tok):
 
 def write_dataset(out_dir, tok, splits, **extra):
     """Small in-memory datasets: splits = {'train': ids, 'val': ids}."""
-    os.makedirs(out_dir, exist_ok=True)
-    writers = {s: TokenWriter(os.path.join(out_dir, f"{s}.bin"), dtype_for_vocab(tok.vocab_size))
-               for s in splits}
+    with data_dir_held(out_dir):
+        return _write_dataset(out_dir, tok, splits, **extra)
+
+
+def _write_dataset(out_dir, tok, splits, **extra):
+    writers = {}
     try:
         for split, ids in splits.items():
+            writers[split] = TokenWriter(os.path.join(out_dir, f"{split}.bin"), dtype_for_vocab(tok.vocab_size))
             writers[split].write(ids)
             writers[split].close()
-    except BaseException:
+        meta = dataset_meta(tok, {s: w.num_tokens for s, w in writers.items()}, **extra)
+        commit_data_dir(out_dir, [f"{s}.bin" for s in splits], meta)
+    except BaseException as e:
         for w in writers.values():
             w.abort()
+        if isinstance(e, OSError):  # a full disk: one line, the old files as they were
+            raise DataError(f"{e.filename or out_dir}: {write_failure(e)}; {out_dir} is unchanged") from None
         raise
-    meta = dataset_meta(tok, {s: w.num_tokens for s, w in writers.items()}, **extra)
-    commit_data_dir(out_dir, [f"{s}.bin" for s in splits], meta)
     report(out_dir, meta)
     return meta
 
@@ -391,6 +426,11 @@ def write_stream(out_dir, tok, chunks, num_proc, total_bytes, extra_meta=None, r
     them (with tokenizer.json for bpe) and meta.json together. With a ResumeState the
     .partial files are kept on failure, their progress recorded, and a later run with the
     same state skips the chunks already written; without one they are removed."""
+    with data_dir_held(out_dir):
+        return _write_stream(out_dir, tok, chunks, num_proc, total_bytes, extra_meta, resume)
+
+
+def _write_stream(out_dir, tok, chunks, num_proc, total_bytes, extra_meta=None, resume=None):
     dtype = dtype_for_vocab(tok.vocab_size)
     done = {"chunks": 0, "train": 0, "val": 0, "bytes": 0}  # what the .partial files hold
     saved = resume.state.get("encoded") if resume else None
@@ -423,9 +463,12 @@ def write_stream(out_dir, tok, chunks, num_proc, total_bytes, extra_meta=None, r
             w.close()
     except BaseException:
         if resume:
-            for w in writers.values():
-                w.close()
-            resume.save(encoded=done)
+            # keep what is durable; if even that fails (a full disk), the last record stands and
+            # the next run cuts the .partial files back to it
+            with contextlib.suppress(OSError):
+                for w in writers.values():
+                    w.close()
+                resume.save(encoded=done)
         else:
             for w in writers.values():
                 w.abort()

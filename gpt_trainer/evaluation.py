@@ -24,6 +24,18 @@ EVAL_SEED = 0  # eval windows do not depend on the run's seed, so runs with diff
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
 
+class Interrupted(Exception):
+    """A stop signal arrived during an evaluation (should_stop() said so): its results are
+    dropped, and the caller saves what it has within seconds rather than after the whole eval."""
+
+
+def _check_stop(should_stop):
+    # every rank calls should_stop at the same batches (the loops are padded to the same
+    # length), so under torchrun it may be a collective
+    if should_stop is not None and should_stop():
+        raise Interrupted()
+
+
 def sum_dtype(device):
     return torch.float32 if str(device).startswith("mps") else torch.float64  # MPS has no float64
 
@@ -88,18 +100,30 @@ def eval_tokenizer(meta, data_dir, required, quiet=False):
 
 @torch.no_grad()
 def estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, device, rank=0, world_size=1,
-                  token_bytes=None):
+                  token_bytes=None, should_stop=None):
     """{'<split>_loss': nats per token, and with token_bytes '<split>_bpb': bits per byte} over
     the same eval_iters batches of each split every time. bpb = the nats of the targets that
-    are text / (ln 2 x the UTF-8 bytes they decode to). Batch k runs on rank k % world_size."""
-    out, was_training = {}, model.training
+    are text / (ln 2 x the UTF-8 bytes they decode to). Batch k runs on rank k % world_size.
+    should_stop() is asked before every batch; when it says so, Interrupted is raised."""
+    was_training = model.training
     model.eval()
+    try:
+        return _estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, device, rank, world_size,
+                              token_bytes, should_stop)
+    finally:
+        model.train(was_training)
+
+
+def _estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, device, rank, world_size,
+                   token_bytes, should_stop):
+    out = {}
     if token_bytes is not None:
         token_bytes = token_bytes.to(device)
     for split, data in splits.items():
         sums = torch.zeros(eval_iters, 3, dtype=sum_dtype(device), device=device)  # nats, text nats, bytes
         padded = -(-eval_iters // world_size) * world_size  # FSDP: every rank runs every forward
         for k in range(rank, padded, world_size):
+            _check_stop(should_stop)
             x, y = get_batch(data, block_size, batch_size, EVAL_SEED, k % eval_iters, 0)
             if torch.device(device).type == "cuda":  # page-locked: the copy does not wait for the GPU
                 x, y = x.pin_memory(), y.pin_memory()
@@ -117,7 +141,6 @@ def estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, device
         out[f"{split}_loss"] = nats / (eval_iters * batch_size * block_size)
         if token_bytes is not None:
             out[f"{split}_bpb"] = text_nats / nbytes / math.log(2) if nbytes else float("nan")
-    model.train(was_training)
     return out
 
 
@@ -145,16 +168,27 @@ def encode_examples(examples, tok, block_size):
 
 
 @torch.no_grad()
-def ending_losses(model, rows, batch_size, ctx, device, rank=0, world_size=1):
+def ending_losses(model, rows, batch_size, ctx, device, rank=0, world_size=1, should_stop=None):
     """(len(rows),) float64: the summed nats of each row's last n tokens given the ones before,
     for rows = [(ids, n)]. Batches of batch_size consecutive rows are padded on the right (a
     causal model never sees the padding); batch b runs on rank b % world_size."""
     sums = torch.zeros(len(rows), dtype=sum_dtype(device), device=device)
-    num_batches = -(-len(rows) // batch_size)
-    padded = -(-num_batches // world_size) * world_size  # FSDP: every rank runs every forward
     was_training = model.training
     model.eval()
+    try:
+        _ending_losses(model, rows, batch_size, ctx, device, rank, world_size, should_stop, sums)
+    finally:
+        model.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(sums)  # each entry is one rank's, the others add zeros: exact
+    return sums.cpu().double()
+
+
+def _ending_losses(model, rows, batch_size, ctx, device, rank, world_size, should_stop, sums):
+    num_batches = -(-len(rows) // batch_size)
+    padded = -(-num_batches // world_size) * world_size  # FSDP: every rank runs every forward
     for b in range(rank, padded, world_size):
+        _check_stop(should_stop)
         start = b % num_batches * batch_size
         batch = rows[start:start + batch_size]
         T = max(len(ids) for ids, _ in batch) - 1
@@ -170,24 +204,27 @@ def ending_losses(model, rows, batch_size, ctx, device, rank=0, world_size=1):
             continue
         nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
         sums[start:start + len(batch)] = nats.view(len(batch), T).to(sums.dtype).sum(1)
-    if world_size > 1:
-        dist.all_reduce(sums)  # each entry is one rank's, the others add zeros: exact
-    model.train(was_training)
-    return sums.cpu().double()
 
 
-def score_multiple_choice(model, encoded, batch_size, ctx, device, rank=0, world_size=1):
+def only_lowest(losses, label):
+    """The right ending has a lower loss than every other: a tie (e.g. two identical endings)
+    is not a right answer, whichever index the label names."""
+    return all(loss > losses[label] for i, loss in enumerate(losses) if i != label)
+
+
+def score_multiple_choice(model, encoded, batch_size, ctx, device, rank=0, world_size=1, should_stop=None):
     """{'acc', 'acc_norm', 'n'}: the fraction of examples whose right ending has the lowest
     total loss (acc) and the lowest loss per token of the ending (acc_norm, as llm.c and
     nanochat score HellaSwag, so GPT-2's published numbers compare)."""
     rows = [row for _, endings in encoded for row in endings]
-    losses = ending_losses(model, rows, batch_size, ctx, device, rank, world_size).tolist() if rows else []
+    losses = ending_losses(model, rows, batch_size, ctx, device, rank, world_size,
+                           should_stop).tolist() if rows else []
     correct = correct_norm = i = 0
     for label, endings in encoded:
         total = losses[i:i + len(endings)]
         per_token = [s / n for s, (_, n) in zip(total, endings)]
-        correct += min(range(len(total)), key=total.__getitem__) == label
-        correct_norm += min(range(len(per_token)), key=per_token.__getitem__) == label
+        correct += only_lowest(total, label)
+        correct_norm += only_lowest(per_token, label)
         i += len(endings)
     n = len(encoded)
     return {"acc": correct / n if n else float("nan"), "acc_norm": correct_norm / n if n else float("nan"), "n": n}
@@ -196,29 +233,38 @@ def score_multiple_choice(model, encoded, batch_size, ctx, device, rank=0, world
 # -----------------------------------------------------------------------------
 # tasks
 
+def _read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
 def load_hellaswag(path, url=HELLASWAG_URL):
     """HellaSwag's validation split as [{'ctx', 'endings', 'label'}] (10,042 examples in the
     official file), downloaded from its official location when path is missing."""
     if not os.path.exists(path):
         download(url, path)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-                ex = {"ctx": ex["ctx"], "endings": ex["endings"], "label": ex["label"]}
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path} line {n}: not a HellaSwag example ({type(e).__name__}: {e}); "
-                                f"delete the file to download it again")
-            endings = ex["endings"]
-            if not (isinstance(ex["ctx"], str) and isinstance(endings, list) and len(endings) >= 2
-                    and all(isinstance(e, str) for e in endings) and isinstance(ex["label"], int)
-                    and 0 <= ex["label"] < len(endings)):
-                raise DataError(f"{path} line {n}: needs a ctx string, a list of ending strings and a "
-                                f"label indexing them; delete the file to download it again")
-            examples.append(ex)
+    try:
+        lines = _read_lines(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); delete the "
+                        f"file to download it again")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+            ex = {"ctx": ex["ctx"], "endings": ex["endings"], "label": ex["label"]}
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path} line {n}: not a HellaSwag example ({type(e).__name__}: {e}); "
+                            f"delete the file to download it again")
+        endings = ex["endings"]
+        if not (isinstance(ex["ctx"], str) and isinstance(endings, list) and len(endings) >= 2
+                and all(isinstance(e, str) for e in endings) and type(ex["label"]) is int
+                and 0 <= ex["label"] < len(endings)):
+            raise DataError(f"{path} line {n}: needs a ctx string, a list of ending strings and a "
+                            f"label indexing them; delete the file to download it again")
+        examples.append(ex)
     if not examples:
         raise DataError(f"{path} holds no examples; delete it to download it again")
     return examples
@@ -227,23 +273,52 @@ def load_hellaswag(path, url=HELLASWAG_URL):
 TASKS = {"hellaswag": load_hellaswag}  # name -> loader(path) of its examples
 
 
+LM_EVAL = "lm_eval:"  # in a tasks setting: this entry and every one after it are lm-evaluation-harness tasks
+
+
+def split_tasks(names):
+    """(our task names, harness task specs) of a comma-separated tasks setting: the first entry
+    that starts with 'lm_eval:' and every one after it are the harness's (a task, a group or a
+    path to a task YAML), so 'val,hellaswag,lm_eval:arc_easy,piqa' is two of ours, two of its."""
+    entries = [t.strip() for t in names.split(",") if t.strip()]
+    first = next((i for i, t in enumerate(entries) if t.startswith(LM_EVAL)), len(entries))
+    return entries[:first], [t.removeprefix(LM_EVAL).strip() for t in entries[first:]]
+
+
 def parse_tasks(names, setting, extra=()):
-    """The task names of a comma-separated setting, each one known."""
-    parsed = [t.strip() for t in names.split(",") if t.strip()]
-    for t in parsed:
+    """The task names of a comma-separated setting, each one known; harness tasks are
+    'lm_eval:<spec>' each (see split_tasks)."""
+    ours, harness = split_tasks(names)
+    for t in ours:
         if t not in TASKS and t not in extra:
-            raise ConfigError(f"{setting}={names!r}: unknown task {t!r}; known: {', '.join([*extra, *TASKS])}")
-    return parsed
+            raise ConfigError(f"{setting}={names!r}: unknown task {t!r}; known: {', '.join([*extra, *TASKS])}, "
+                              f"or lm_eval:NAME for lm-evaluation-harness tasks")
+    if not all(harness):
+        raise ConfigError(f"{setting}={names!r}: 'lm_eval:' must be followed by a harness task name or a task YAML path")
+    return ours + [LM_EVAL + h for h in harness]
 
 
-def load_tasks(names, paths, tok, block_size, max_examples=0, rank=0, ddp=False):
-    """{task: encoded examples} (see encode_examples), the first max_examples of each (0 = all).
-    Rank 0 reads first (downloading a missing file), then the other ranks."""
+class HarnessTasks:
+    """lm-evaluation-harness tasks, loaded (harness.load_harness_tasks), with what scoring them needs."""
+
+    def __init__(self, loaded, tok, max_examples):
+        self.loaded, self.tok, self.max_examples = loaded, tok, max_examples
+
+
+def load_tasks(names, paths, tok, block_size, max_examples=0, rank=0, ddp=False, include_path="", num_fewshot=None):
+    """{task: encoded examples} (see encode_examples), the first max_examples of each (0 = all),
+    and under 'lm_eval' the harness's tasks (HarnessTasks). Rank 0 reads first (downloading a
+    missing file), then the other ranks."""
     out = {}
-    for name in names:
+    specs = [n.removeprefix(LM_EVAL) for n in names if n.startswith(LM_EVAL)]
+    for name in [n for n in names if not n.startswith(LM_EVAL)] + (["lm_eval"] if specs else []):
         if ddp and rank != 0:
             dist.barrier()
         try:
+            if name == "lm_eval":
+                from gpt_trainer.harness import load_harness_tasks
+                out[name] = HarnessTasks(load_harness_tasks(specs, include_path, num_fewshot), tok, max_examples)
+                continue
             examples = TASKS[name](paths[name])
         finally:
             if ddp and rank == 0:
@@ -256,11 +331,15 @@ def load_tasks(names, paths, tok, block_size, max_examples=0, rank=0, ddp=False)
     return out
 
 
-def score_tasks(tasks, model, batch_size, ctx, device, rank=0, world_size=1):
+def score_tasks(tasks, model, batch_size, ctx, device, rank=0, world_size=1, should_stop=None):
     """{'<task>_acc', '<task>_acc_norm', '<task>_n'} for tasks from load_tasks."""
     out = {}
     for name, encoded in tasks.items():
-        scores = score_multiple_choice(model, encoded, batch_size, ctx, device, rank, world_size)
+        if name == "lm_eval":
+            from gpt_trainer.harness import score_harness
+            out.update(score_harness(encoded.loaded, model, encoded.tok, batch_size, ctx, encoded.max_examples))
+            continue
+        scores = score_multiple_choice(model, encoded, batch_size, ctx, device, rank, world_size, should_stop)
         out.update({f"{name}_{k}": v for k, v in scores.items()})
     return out
 
@@ -271,4 +350,5 @@ def format_results(r):
     parts += [f"val bpb {r['val_bpb']:.4f}"] if "val_bpb" in r else []
     parts += [f"{name} acc {r[f'{name}_acc']:.4f} acc_norm {r[f'{name}_acc_norm']:.4f}"
               for name in TASKS if f"{name}_acc" in r]
+    parts += [f"{k} {v:.4f}" for k, v in r.items() if k.startswith(LM_EVAL) and not k.endswith("_n")]
     return ", ".join(parts)

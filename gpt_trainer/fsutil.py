@@ -23,18 +23,26 @@ def fsync_dir(path):
 
 def write_json(path, obj):
     """Write path atomically: readers see the old file or the new one, never half of one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException:  # a full disk leaves no empty temp file behind
+        try:
+            os.remove(path + ".tmp")
+        except OSError:
+            pass
+        raise
 
 
 def write_failure(e):
     """Why a write failed, in words. torch.save reports a short write as a RuntimeError whose
     context holds the OSError with the reason, so the chain is searched for an errno."""
     reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-               errno.EFBIG: "file too large (the file size limit, ulimit -f, or the filesystem's)"}
+               errno.EFBIG: "file too large (the file size limit, ulimit -f, or the filesystem's)",
+               errno.EROFS: "read-only file system"}
     cause = e
     while cause is not None:
         if isinstance(cause, OSError) and cause.errno:

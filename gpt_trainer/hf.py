@@ -131,18 +131,32 @@ def config_from_hf(hf_config, source, dropout=None):
         raise HFError(f"{source}: {e}")
 
 
+def last_line(e):
+    """The line of an exception's message that says what is wrong (transformers' config
+    validation puts it last, under a header)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(e).__name__
+
+
 def gpt2_from_hf(name_or_dir, dropout=None):
+    import pickle
     from transformers import GPT2Config, GPT2LMHeadModel
     try:
         hf_config = GPT2Config.from_pretrained(name_or_dir)
     except OSError as e:
         raise HFError(f"cannot load {name_or_dir!r} from the Hugging Face hub ({str(e).splitlines()[0]}); "
                       f"go online once (it is cached afterwards) or pass a local directory")
+    except Exception as e:  # transformers' validation of config.json's values
+        raise HFError(f"{name_or_dir}: config.json is not valid ({last_line(e)})")
     config = config_from_hf(hf_config, name_or_dir, dropout)
     try:
         hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
-    except OSError as e:
-        raise HFError(f"cannot load the weights of {name_or_dir!r} ({str(e).splitlines()[0]})")
+    except pickle.UnpicklingError:
+        # transformers reads pytorch_model.bin with weights_only=True; its message advises False
+        raise HFError(f"{name_or_dir}: the weights file holds Python objects other than tensors, so it was "
+                      f"not loaded (it could run code); ask for a safetensors copy")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise HFError(f"cannot load the weights of {name_or_dir!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     model = GPT(config)
     try:
         model.load_state_dict(convert_state_dict(hf_model.state_dict()))
@@ -228,7 +242,15 @@ def read_safetensors(hf_dir):
         path = os.path.join(hf_dir, name)
         if not os.path.exists(path):
             raise HFError(f"{path} not found, but model.safetensors.index.json lists it")
-        tensors.update(load_file(path))
+        try:
+            tensors.update(load_file(path))
+        except Exception as e:  # safetensors' SafetensorError: a truncated or foreign file
+            raise HFError(f"{path} cannot be read as safetensors ({last_line(e)}); it is truncated or "
+                          f"corrupt: save or download it again")
+    for name, t in tensors.items():
+        if not t.is_floating_point():  # an int tensor would be cast to float in silence
+            raise HFError(f"{hf_dir}: weight {name} is {t.dtype}, not a floating-point tensor; it is not "
+                          f"a weight of a model this loader knows")
     return tensors
 
 
@@ -272,8 +294,8 @@ def llama_from_hf(hf_dir, dropout=None):
     from transformers import AutoConfig
     try:
         hf_config = AutoConfig.from_pretrained(hf_dir)
-    except (OSError, ValueError) as e:
-        raise HFError(f"{hf_dir}: transformers cannot read its config.json ({str(e).splitlines()[0]})")
+    except Exception as e:  # OSError, ValueError, transformers' strict validation of the values
+        raise HFError(f"{hf_dir}: transformers cannot read its config.json ({last_line(e)})")
     config = llama_config(hf_config, hf_dir, dropout)
     tensors = read_safetensors(hf_dir)
     model = GPT(config)

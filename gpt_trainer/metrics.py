@@ -53,12 +53,27 @@ def read_metrics(out_dir):
     return [record for _, record in parse_metrics(path)[0]] if os.path.exists(path) else []
 
 
+def series(records, key):
+    """([iter], [value]) of one logged number, in iteration order: where several records give it
+    at the same iter (a run resumed before the steps it redid were dropped from the file), the
+    last one written wins, so a resumed run reads as one curve. Missing and null values (a
+    skipped step's loss) are left out."""
+    last = {}
+    for r in records:
+        if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool):
+            last[r.get("iter", 0)] = r[key]
+    iters = sorted(last)
+    return iters, [last[i] for i in iters]
+
+
 def truncate_metrics(path, iter_num):
     """Drop records at or after iter_num, left by a run that died after its last checkpoint,
     and damaged lines, so the resumed run's file reads as one history. The file is rewritten only
     when something goes, atomically: a full disk leaves it as it was."""
     if not os.path.exists(path):
         return
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is not a file (a directory?); move it away so that this run can log there")
     good, damaged = parse_metrics(path)
     kept = [line for line, record in good if record.get("iter", 0) < iter_num]
     if len(kept) == len(good) and not damaged:

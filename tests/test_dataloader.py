@@ -1,5 +1,5 @@
 """The small prepare scripts (shakespeare, openwebtext), tokenizers and their fingerprints,
-metadata and batch loading. data/text/prepare.py is tested in test_prepare.py. The 2 GB
+metadata and batch loading. data/text/prepare.py is tested in test_dataprep.py. The 2 GB
 train.bin test is in the slow tier."""
 import importlib.util
 import json
@@ -112,7 +112,7 @@ def test_openwebtext_prepare_and_resume(tmp_path):
     with open(part / "train.bin.partial", "ab") as f:
         f.write(b"\x07\x00\x09")  # a shard cut short mid-write
     assert owt.prepare(ds, part, num_proc=1, num_shards=6) == full
-    assert sorted(os.listdir(part)) == ["meta.json", "train.bin", "val.bin"]  # committed, no leftovers
+    assert sorted(os.listdir(part)) == [".lock", "meta.json", "train.bin", "val.bin"]  # committed, no leftovers
     for split in ("train", "val"):
         assert (part / f"{split}.bin").read_bytes() == (tmp_path / "full" / f"{split}.bin").read_bytes()
 

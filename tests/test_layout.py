@@ -9,7 +9,7 @@ import sys
 
 from trainutil import REPO
 
-COMMANDS = ("train", "sample", "evaluate", "bench", "export")  # the scripts a user runs
+COMMANDS = ("train", "sample", "evaluate", "bench", "export", "plot", "harness")  # the scripts a user runs
 LIBRARY = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "gpt_trainer")) if f.endswith(".py") and f != "__init__.py")
 
 

@@ -18,6 +18,7 @@ import pytest
 from trainutil import REPO, SHAKESPEARE, child_env
 
 README = os.path.join(REPO, "README.md")
+# every docs/*.md, run after the README's (whose commands prepare what theirs use), in name order
 DOCS = sorted(os.path.join(REPO, "docs", f) for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md"))
 COMMAND = re.compile(r"^    (python|torchrun|pip|bash|hf |NANO)")
 # appended to every train.py run: a tiny model, two iterations, and a fresh start in an out_dir
@@ -49,13 +50,14 @@ SKIPS = [  # (a part of the command, why it cannot run here)
     ("--input=big/", "run with the inputs it names by tests/test_dataprep.py::test_readme_data_commands"),
     ("smollm2-135m-random", "a 135M-parameter measurement; tests/test_hf_llama.py trains imported models"),
     ("/tmp/bench_char", "the data of the 135M-parameter measurement above"),
+    ("lm_eval:arc_easy", "downloads ARC and PIQA from the Hugging Face hub"),
 ]
 
 
-def readme_commands():
-    """The shell commands of README.md, then of each docs/*.md: indented lines that start with
-    a command, continuation lines (trailing backslash) joined, in order."""
-    lines, commands = [line for path in [README, *DOCS] for line in open(path).read().splitlines()], []
+def readme_commands(path=README):
+    """The shell commands of the README (or a docs file): indented lines that start with a
+    command, continuation lines (trailing backslash) joined, in order."""
+    lines, commands = open(path).read().splitlines(), []
     i = 0
     while i < len(lines):
         if COMMAND.match(lines[i]):
@@ -161,7 +163,7 @@ def scratch(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", readme_commands())
+@pytest.mark.parametrize("command", readme_commands() + [c for doc in DOCS for c in readme_commands(doc)])
 def test_readme_command(scratch, command):
     for kind, what in plan(command):
         if kind == "skip":
@@ -170,6 +172,7 @@ def test_readme_command(scratch, command):
             assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(scratch, what)))
             continue
         # `python` and `torchrun` are the ones of the interpreter running the tests
-        env = child_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+        env = child_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+                        HF_DATASETS_OFFLINE="1")  # lm_eval tasks: local files only
         p = subprocess.run(what, shell=True, cwd=scratch, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, f"{what}\nexited {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"

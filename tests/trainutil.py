@@ -1,5 +1,5 @@
 """
-Shared helpers for the trainer tests (test_train.py, test_resume.py, test_ddp.py):
+Shared helpers for the trainer tests (test_train.py, test_run_*.py, ...):
 a tiny char-level dataset in a temp dir, train.py / torchrun as subprocesses with a tiny
 model, and readers for out_dir/metrics.jsonl.
 """

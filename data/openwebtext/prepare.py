@@ -19,8 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from configurator import install_error_hook  # noqa: E402
-from gpt_trainer.dataprep import (TokenWriter, commit_data_dir, dataset_meta, encode_chunks,  # noqa: E402
-                                  interruptible, progress, report, script_args)
+from gpt_trainer.dataprep import (TokenWriter, commit_data_dir, data_dir_held, dataset_meta,  # noqa: E402
+                                  encode_chunks, interruptible, progress, report, script_args)
 from gpt_trainer.errors import DataError  # noqa: E402
 from gpt_trainer.fsutil import write_json  # noqa: E402
 from gpt_trainer.tokenizer import TiktokenTokenizer  # noqa: E402
@@ -32,7 +32,11 @@ def prepare(ds, out_dir, num_proc=8, num_shards=1024, max_shards=None):
     """Write train.bin / val.bin / meta.json for a datasets.Dataset with a 'text' column.
     max_shards stops each split after that many more shards (a time-boxed run); returns the
     token counts, or None if it stopped before the end."""
-    os.makedirs(out_dir, exist_ok=True)
+    with data_dir_held(out_dir):  # one writer at a time
+        return _prepare(ds, out_dir, num_proc, num_shards, max_shards)
+
+
+def _prepare(ds, out_dir, num_proc, num_shards, max_shards):
     parts = ds.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
     tok = TiktokenTokenizer("gpt2")
     counts = {}

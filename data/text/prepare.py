@@ -60,8 +60,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from configurator import ArgumentParser, install_error_hook  # noqa: E402
 from gpt_trainer.corpus import BadRecord, find_inputs, scan_inputs  # noqa: E402
-from gpt_trainer.dataprep import (PROGRESS, ResumeState, collect_chars, discard_partials, fit_bpe,  # noqa: E402
-                                  group_chunks, interruptible, partial_path, write_stream)
+from gpt_trainer.dataprep import (PROGRESS, ResumeState, check_writable, collect_chars,  # noqa: E402
+                                  discard_partials, fit_bpe, group_chunks, interruptible, lock_data_dir,
+                                  partial_path, write_stream)
+from gpt_trainer.dirlock import is_locked, unlock_dir  # noqa: E402
 from gpt_trainer.errors import DataError  # noqa: E402
 from gpt_trainer.tokenizer import BPETokenizer, CharTokenizer, get_tokenizer  # noqa: E402
 
@@ -202,7 +204,7 @@ def prepare(args):
                         f"({PROGRESS}); pass --resume to continue it, or delete that file to "
                         f"start over")
     scan = (resume.state.get("scan") if resume else None) or scan_inputs(sources, args)
-    os.makedirs(args.out_dir, exist_ok=True)
+    lock_data_dir(args.out_dir)  # creates it: the scan found nothing wrong
     if resume and "scan" not in resume.state:
         resume.save(scan=scan)
     num_docs = sum(scan["docs"])
@@ -264,10 +266,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_writable(args.out_dir)  # before the inputs are read, which may take long
     outcome = ("its progress is kept: run the same command again to continue" if args.resume
                else f"{args.out_dir} is unchanged")
-    with interruptible(outcome):
-        prepare(args)
+    held = is_locked(args.out_dir)
+    try:
+        with interruptible(outcome):
+            if os.path.isdir(args.out_dir):
+                lock_data_dir(args.out_dir)  # before anything in it is read; a new one after the scan
+            prepare(args)
+    finally:
+        if not held:  # released for a caller in this process (the CLI's ends with the process)
+            unlock_dir(args.out_dir)
 
 
 if __name__ == "__main__":
