@@ -80,6 +80,8 @@ RULES = dict(
     tasks=(lambda v: bool(v.strip(" ,")), f"a comma-separated list of 'val', {', '.join(map(repr, TASKS))}"),
     eval_iters=at_least(1), batch_size=at_least(1), max_examples=at_least(0),
     results=(results_path_ok, "'' or a JSON file path in a writable directory (not a directory itself)"),
+    lm_eval_include_path=(lambda v: v == "" or os.path.isdir(v), "'' or a directory of task YAML files that exists"),
+    lm_eval_num_fewshot=at_least(-1),
 )
 
 
