@@ -58,6 +58,7 @@ LOG_LINE = re.compile(r"^iter (\d+): loss [^,\s]+,.*?\btime ([\d.]+) ?ms", re.M)
 # ours: "..., 768 tokens per iteration"; nanoGPT: "tokens per iteration will be: 768"
 TOKENS_LINE = re.compile(r"(?:([\d,]+) tokens per iteration\b|tokens per iteration will be: ([\d,]+))")
 EVAL_LINE = re.compile(r"^step (\d+): train loss [^,]+, val loss ([\d.]+|nan|inf)")
+DTYPE_LINE = re.compile(r"^device \S+, dtype (\w+),", re.M)  # train.py's first line about the run
 ENV_WORD = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 # the shakespeare_char GPU recipe's model, nanoGPT's architecture (exact GELU)
 SAMPLE_MODEL = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.0,
@@ -198,7 +199,8 @@ def summarize(records, warmup, maxrss_kib, seen, wall_s):
             "data_wait_ms_per_iter": wait, "peak_rss_mb": maxrss_kib / 1024,
             "workers_rss_sum_mb": sum(workers) / 1024 if workers else None,
             "workers": len(workers), "peak_cuda_mem_mb": max(cuda) if cuda else None,
-            "wall_s": wall_s}
+            "wall_s": wall_s, "flops_per_iter": next((r["flops_per_iter"] for r in records
+                                                      if r.get("flops_per_iter")), None)}
 
 
 def fail(rc, argv, output):
@@ -217,6 +219,8 @@ def bench_ours(setting, common, args):
         records = read_metrics(out_dir) or log_records(output)
     result = summarize(records, args.warmup, maxrss, seen, wall)
     result["command"] = " ".join(f"{k}={v}" for k, v in env.items()) + " " * bool(env) + shlex.join(argv)
+    match = DTYPE_LINE.search(output)
+    result["dtype"] = match.group(1) if match else None
     return result
 
 
@@ -227,6 +231,7 @@ def bench_external(command, args):
         fail(rc, command, output)
     result = summarize(log_records(output), args.warmup, maxrss, seen, wall)
     result["command"] = command
+    result["dtype"] = None  # unknown; with_floor assumes it does A's work in fp32 (nanoGPT on a CPU)
     return result
 
 
@@ -260,7 +265,7 @@ def peak_memory(run):
 
 def aggregate(runs):
     """Median over rounds of each round's median, with every round kept for the spread."""
-    keys = ("ms_per_iter", "tokens_per_s", "mfu", "data_wait_ms_per_iter")
+    keys = ("ms_per_iter", "tokens_per_s", "mfu", "data_wait_ms_per_iter", "floor_ms_per_iter", "floor_fraction")
     out = {k: spread([r[k] for r in runs])[0] for k in keys}
     out["peak_rss_mb"] = max(peak_memory(r) for r in runs)
     cuda = [r["peak_cuda_mem_mb"] for r in runs if r["peak_cuda_mem_mb"] is not None]
@@ -270,7 +275,8 @@ def aggregate(runs):
 
 
 ROWS = [("ms/iter", "ms_per_iter", ".2f", 1), ("tokens/s", "tokens_per_s", ",.0f", 1),
-        ("MFU %", "mfu", ".1f", 100), ("data wait ms/iter", "data_wait_ms_per_iter", ".3f", 1)]
+        ("MFU %", "mfu", ".1f", 100), ("data wait ms/iter", "data_wait_ms_per_iter", ".3f", 1),
+        ("floor ms/iter", "floor_ms_per_iter", ".2f", 1), ("% of floor", "floor_fraction", ".1f", 100)]
 
 
 def print_table(columns):
@@ -289,10 +295,59 @@ def print_table(columns):
     print(f"{'peak CUDA MiB':<20}" + "".join(f"{c:>30}" for c in cells))
 
 
-def bench_single(common, args):
-    runs = [bench_ours("", common, args) for _ in range(args.rounds or 1)]
+def with_floor(run, machine, flops_per_iter=None):
+    """The run's floor (its FLOPs per iteration over the machine's best large-matmul rate in
+    its dtype, measured just before it) and the fraction of it reached. A command that does
+    not say its FLOPs (nanoGPT) is given those of the run it is compared with, in fp32."""
+    from gpt_trainer import floors
+    flops = run["flops_per_iter"] or flops_per_iter
+    rate = machine["matmul_flops_per_s"].get(run["dtype"] or "float32")
+    floor_ms = 1000 * flops / rate if flops and rate else None
+    run["floor_ms_per_iter"], run["machine"] = floor_ms, machine
+    run["floor_fraction"] = floors.fraction(1 / run["ms_per_iter"], 1 / floor_ms) if floor_ms else None
+    return run
+
+
+def train_machine(args):
+    dtypes = ("float32", "bfloat16")
+    return measure_machine(args, dtypes)
+
+
+def kernel_settings(args):
+    """--kernel as settings' environment words: [''], ['GPT_CPU_KERNEL=x'] or two of them."""
+    from gpt_trainer import cpu_kernels
+    if not args.kernel:
+        return [""]
+    kernels = args.kernel.split(",")
+    if len(kernels) > 2 or any(k not in cpu_kernels.LINEAR_KERNELS for k in kernels):
+        raise UserError(f"--kernel={args.kernel}: give one or two of {', '.join(cpu_kernels.LINEAR_KERNELS)}")
+    if len(kernels) == 2 and (args.compare or args.compare_cmd):
+        raise UserError("--kernel with two kernels is the comparison itself; drop --compare/--compare-cmd")
+    return [f"GPT_CPU_KERNEL={k}" for k in kernels]
+
+
+def print_machine(runs):
+    """The rates the floors came from, medians over the rounds."""
+    machine = [r["machine"] for r in runs]
+    cells = []
+    for dtype in machine[0]["matmul_by_library"]:
+        libs = {lib: statistics.median(m["matmul_by_library"][dtype][lib] for m in machine) / 1e9
+                for lib in machine[0]["matmul_by_library"][dtype]}
+        cells.append(f"{dtype} {max(libs.values()):.0f} GFLOP/s (" +
+                     ", ".join(f"{lib} {v:.0f}" for lib, v in libs.items()) + ")")
+    print(f"floor: FLOPs per iteration (6N + attention, as MFU) / the best large-matmul rate measured "
+          f"before each round: {'; '.join(cells)}; a command that does not report its FLOPs is "
+          f"given A's, in fp32")
+
+
+def bench_single(setting, common, args):
+    runs = []
+    for _ in range(args.rounds or 1):
+        machine = train_machine(args)
+        runs.append(with_floor(bench_ours(setting, common, args), machine))
     print(f"command: {runs[0]['command']}")
     print_table({"": runs})
+    print_machine(runs)
     return {"mode": "train", "result": aggregate(runs)}
 
 
@@ -301,13 +356,15 @@ def bench_compare(setting_a, setting_b, common, args):
     the ratio within a round is fairer than either absolute number."""
     a_runs, b_runs = [], []
     for i in range(args.rounds or 3):
-        a_runs.append(bench_ours(setting_a, common, args))
-        b_runs.append(bench_external(args.compare_cmd, args) if args.compare_cmd
-                      else bench_ours(setting_b, common, args))
+        machine = train_machine(args)  # once a round: the floor follows the machine's speed
+        a_runs.append(with_floor(bench_ours(setting_a, common, args), machine))
+        b_runs.append(with_floor(bench_external(args.compare_cmd, args) if args.compare_cmd
+                                 else bench_ours(setting_b, common, args), machine, a_runs[-1]["flops_per_iter"]))
         print(f"round {i + 1}: A {a_runs[-1]['ms_per_iter']:.2f} ms/iter, "
               f"B {b_runs[-1]['ms_per_iter']:.2f} ms/iter", flush=True)
     print(f"A: {a_runs[0]['command']}\nB: {b_runs[0]['command']}")
     print_table({"A": a_runs, "B": b_runs})
+    print_machine(a_runs)
     ratios = [b["tokens_per_s"] / a["tokens_per_s"] if a["tokens_per_s"] and b["tokens_per_s"]
               else a["ms_per_iter"] / b["ms_per_iter"] for a, b in zip(a_runs, b_runs)]
     print(f"B/A tokens/s: {fmt_spread(ratios, '.3f')} (per round: "
@@ -387,10 +444,13 @@ def bench_quality(settings, common, args):
 # -----------------------------------------------------------------------------
 # sampling: KV cache against full recomputation, and against nanoGPT's generate
 
-def sample_cases(block_size, tokens, nanogpt, device="cpu"):
-    """(name, model, new tokens, use_cache, window[, cuda_graphs]), from a 1-token prompt: the
-    context filled with and without the cache; a run past block_size in every window mode and
-    uncached, with learned positions and with RoPE; nanoGPT's generate on the same weights."""
+def sample_cases(block_size, tokens, nanogpt, device="cpu", variants=()):
+    """(name, model, new tokens, use_cache, window, cuda_graphs, variant), from a 1-token prompt:
+    the context filled with and without the cache; a run past block_size in every window mode
+    and uncached, with learned positions and with RoPE; nanoGPT's generate on the same weights;
+    on CUDA the cached steps without graphs and compiled; the first case again for each
+    (decode kernel, threads) variant after the first (variant: cpu_kernels' DECODE_KERNEL and
+    DECODE_THREADS for the case)."""
     short = block_size - 1
     cases = [(f"{short} new, KV cache", "gpt", short, True, "exact"),
              (f"{short} new, no cache", "gpt", short, False, "exact"),
@@ -405,7 +465,28 @@ def sample_cases(block_size, tokens, nanogpt, device="cpu"):
     if device.startswith("cuda"):  # the cached steps without CUDA graphs, and compiled into them
         cases += [(f"{tokens} new, cache exact, no graphs", "gpt", tokens, True, "exact", False),
                   (f"{tokens} new, cache exact, compiled graphs", "gpt", tokens, True, "exact", "compile")]
+    first = variants[0] if variants else None
+    cases = [(*case[:5], case[5] if len(case) > 5 else True, first) for case in cases]
+    cases += [(f"{short} new, KV cache, {kernel}@{threads}", "gpt", short, True, "exact", True, (kernel, threads))
+              for kernel, threads in variants[1:]]
     return cases
+
+
+def decode_variants(args):
+    """[(decode kernel, threads)] from --decode_kernel and --decode_threads (comma lists)."""
+    from gpt_trainer import cpu_kernels
+    kernels = args.decode_kernel.split(",") if args.decode_kernel else [cpu_kernels.DECODE_KERNEL]
+    for kernel in kernels:
+        if kernel not in cpu_kernels.DECODE_KERNELS:
+            raise UserError(f"--decode_kernel={kernel} is not one of {', '.join(cpu_kernels.DECODE_KERNELS)}")
+    threads = [int(t) for t in args.decode_threads.split(",")] if args.decode_threads else \
+        [cpu_kernels.DECODE_THREADS]
+    return [(cpu_kernels.decode_kernel(k), t) for k in kernels for t in threads]
+
+
+def variant_cases(cases):
+    """Indices of the cases that repeat the first one with another decode variant."""
+    return [i for i, case in enumerate(cases) if case[0].startswith(cases[0][0] + ",")]
 
 
 # (faster, slower) cases, as named by sample_cases, whose tokens/s ratio is reported when both ran
@@ -469,9 +550,12 @@ def time_generate(model, prompt, case, args, seed, autocast=True):
     """(seconds, tokens) of one generation, sampled with a generator seeded by `seed`, under
     --dtype's autocast (sample.py's) unless autocast=False."""
     import torch
+    from gpt_trainer import cpu_kernels
     from gpt_trainer.generate import generate
     from gpt_trainer.runtime import autocast_context
-    _, kind, n, use_cache, window, *graphs = case
+    _, kind, n, use_cache, window, graphs, variant = case
+    if variant:  # the decode kernel and threads of this case (cpu_kernels reads them per step)
+        cpu_kernels.DECODE_KERNEL, cpu_kernels.DECODE_THREADS = variant
     device = prompt.device
     ctx = autocast_context(device.type, args.dtype if autocast else "float32")
     if device.type == "cuda":
@@ -484,7 +568,7 @@ def time_generate(model, prompt, case, args, seed, autocast=True):
         else:
             out = generate(model, prompt, n, temperature=args.temperature, top_k=args.top_k or None,
                            generator=torch.Generator(device).manual_seed(seed), use_cache=use_cache,
-                           window=window, cuda_graphs=graphs[0] if graphs else True)
+                           window=window, cuda_graphs=graphs)
     out = out.cpu()  # waits for the device
     return time.perf_counter() - t0, out
 
@@ -500,14 +584,18 @@ def check_tokens(models, prompt, cases, outputs, args):
     can make them differ."""
     import copy
     checks = []
-    graph_cases = [(i, 4) for i, c in enumerate(cases) if len(c) > 5]  # CUDA: with/without graphs
-    for cached, uncached in [*TOKEN_CHECKS, *graph_cases]:
+    graph_cases = [(i, 4) for i, c in enumerate(cases) if c[5] is not True]  # CUDA: with/without graphs
+    variants = [(i, 1) for i in variant_cases(cases)]
+    for cached, uncached in [*TOKEN_CHECKS, *graph_cases, *variants]:
+        if cached not in outputs or uncached not in outputs:  # not both chosen by --cases
+            continue
         where = first_difference(outputs[cached], outputs[uncached])
         check = {"cached": cases[cached][0], "uncached": cases[uncached][0],
                  "fp32_first_difference": where, "fp64_first_difference": None}
         if where is not None:
             double = copy.deepcopy(models[cases[cached][1]]).double()
-            a = time_generate(double, prompt, cases[cached], args, args.seed, autocast=False)[1]
+            a = time_generate(double, prompt, (*cases[cached][:6], ("aten", 0)), args, args.seed,
+                              autocast=False)[1]
             b = time_generate(double, prompt, cases[uncached], args, args.seed, autocast=False)[1]
             check["fp64_first_difference"] = first_difference(a, b)
         check["ok"] = check["fp64_first_difference"] is None
@@ -537,7 +625,7 @@ def fresh_process_case(i, args):
 
 # aten ops by what they do in a decoding step, matched in their names; the rest of a
 # token's time is other ops (residual adds, views, allocations) and Python
-OP_KINDS = {"matmuls": ("addmm", "aten::mm", "addmv", "aten::mv", "bmm"),
+OP_KINDS = {"matmuls": ("addmm", "aten::mm", "addmv", "aten::mv", "bmm", "_linear_pointwise"),
             "attention": ("scaled_dot_product", "flash_attention"),
             "norms": ("layer_norm", "rms_norm"), "activation": ("gelu", "silu", "relu"),
             "copies (KV cache, output)": ("copy_",),
@@ -575,7 +663,7 @@ def bench_sample(overrides, args):
     args.dtype = resolve_dtype(args.dtype, device.split(":")[0])
     torch.backends.cuda.matmul.allow_tf32 = True  # as sample.py
     models = {k: m.to(device) for k, m in sample_models(overrides, args.seed, args.nanogpt).items()}
-    cases = sample_cases(models["gpt"].config.block_size, args.tokens, args.nanogpt, device)
+    cases = sample_cases(models["gpt"].config.block_size, args.tokens, args.nanogpt, device, decode_variants(args))
     prompt = torch.zeros((args.num_samples, 1), dtype=torch.long, device=device)
     if args.profile:
         return profile_case(models, prompt, cases[0], args)
@@ -583,23 +671,71 @@ def bench_sample(overrides, args):
         seconds, out = timed_case(models, prompt, cases[args.case], args)
         print(json.dumps({"seconds": seconds, "tokens": out.tolist()}))
         return None
-    times, outputs = {c[0]: [] for c in cases}, []
+    chosen = [i for i, case in enumerate(cases) if not args.cases
+              or any(part.strip() in case[0] for part in args.cases.split(";"))]
+    if not chosen:
+        raise UserError(f"--cases={args.cases!r} matches none of: {'; '.join(c[0] for c in cases)}")
+    times, outputs, machine = {cases[i][0]: [] for i in chosen}, {}, []
     for rep in range(args.repeats):  # interleaved: every case sees the same machine noise
-        for i, case in enumerate(cases):
-            seconds, out = (timed_case(models, prompt, case, args) if args.in_process
+        machine.append(measure_machine(args, ("float32",)))
+        for i in chosen:
+            seconds, out = (timed_case(models, prompt, cases[i], args) if args.in_process
                             else fresh_process_case(i, args))
-            times[case[0]].append(args.num_samples * case[2] / seconds)
-            if rep == 0:
-                outputs.append(out)
+            times[cases[i][0]].append(args.num_samples * cases[i][2] / seconds)
+            outputs.setdefault(i, out)
         print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(
-            f"{c[0]} {times[c[0]][-1]:,.1f}" for c in cases) + " tokens/s", flush=True)
+            f"{name} {speeds[-1]:,.1f}" for name, speeds in times.items()) + " tokens/s", flush=True)
     checks = check_tokens(models, prompt, cases, outputs, args)
-    print_sample(models["gpt"], cases, times, checks, args)
+    floors = sample_floors(models, cases, times, machine, args.num_samples)
+    print_sample(models["gpt"], cases, times, checks, floors, machine, args)
     return {"mode": "sample", "config": vars(models["gpt"].config), "num_samples": args.num_samples,
             "temperature": args.temperature, "top_k": args.top_k, "threads": torch.get_num_threads(),
-            "in_process": args.in_process, "tokens_per_s": times,
+            "in_process": args.in_process, "tokens_per_s": times, "machine": machine,
             "median_tokens_per_s": {k: statistics.median(v) for k, v in times.items()},
+            "floor_tokens_per_s": floors,
+            "fraction_of_floor": {k: floor_fraction(statistics.median(times[k]), floors[k]) for k in times},
             "speedups": sample_speedups(cases, times), "token_checks": checks}
+
+
+def measure_machine(args, dtypes):
+    """The machine's rates now: copy bandwidth (bytes/s) and the best large-matmul FLOP/s per
+    dtype, over aten and oneDNN (floors.py)."""
+    from gpt_trainer import floors
+    device = getattr(args, "device", "cpu")
+    rates = {d: floors.matmul_rates(d, args.measure_n, device=device) for d in dtypes}
+    return {"copy_bytes_per_s": floors.copy_bandwidth(args.measure_mb << 20, device=device),
+            "matmul_flops_per_s": {d: max(r.values()) for d, r in rates.items()}, "matmul_by_library": rates}
+
+
+def machine_median(machine, key, dtype=None):
+    values = [m[key][dtype] if dtype else m[key] for m in machine]
+    return statistics.median(values)
+
+
+def sample_floors(models, cases, times, machine, batch):
+    """{case: tokens/s at the floor}: the copy bandwidth and fp32 matmul rate are the medians
+    of those measured before each repeat; nanoGPT's generate is the uncached recomputation."""
+    from gpt_trainer import floors
+    bandwidth = machine_median(machine, "copy_bytes_per_s")
+    rate = machine_median(machine, "matmul_flops_per_s", "float32")
+    out = {}
+    for name, kind, n, use_cache, window, *_ in cases:
+        if name not in times:
+            continue
+        model = models["gpt" if kind == "nanogpt" else kind]
+        seconds = floors.generation_floor(model, 1, n, use_cache, window or "exact", bandwidth, rate, batch)
+        out[name] = batch * n / seconds
+    return out
+
+
+def weight_mb(model):
+    from gpt_trainer import floors
+    return floors.weight_bytes(model) / 1e6
+
+
+def floor_fraction(measured, floor):
+    from gpt_trainer import floors
+    return floors.fraction(measured, floor)
 
 
 def speedup_pairs(cases):
@@ -612,12 +748,16 @@ def speedup_pairs(cases):
 
 
 def sample_speedups(cases, times):
-    """Per-repeat ratios of tokens/s (same repeat, so the same machine noise)."""
-    return {key: [a / b for a, b in zip(times[cases[i][0]], times[cases[j][0]])]
-            for key, (i, j) in speedup_pairs(cases).items()}
+    """Per-repeat ratios of tokens/s (same repeat, so the same machine noise) of the SPEEDUPS
+    whose cases both ran, and of each decode variant against the first KV cache case."""
+    pairs = {key: (i, j) for key, (i, j) in speedup_pairs(cases).items()
+             if cases[i][0] in times and cases[j][0] in times}
+    pairs.update({f"variant {cases[i][6][0]}@{cases[i][6][1]} vs {cases[0][6][0]}@{cases[0][6][1]}": (i, 0)
+                  for i in variant_cases(cases) if cases[i][0] in times and cases[0][0] in times})
+    return {key: [a / b for a, b in zip(times[cases[i][0]], times[cases[j][0]])] for key, (i, j) in pairs.items()}
 
 
-def print_sample(model, cases, times, checks, args):
+def print_sample(model, cases, times, checks, floors, machine, args):
     import torch
     c = model.config
     how = "greedy" if not args.temperature else f"temperature {args.temperature}, top_k {args.top_k}"
@@ -625,14 +765,20 @@ def print_sample(model, cases, times, checks, args):
              else f"{torch.get_num_threads()} threads")
     print(f"sample: GPT {c.n_layer}x{c.n_embd} ({c.n_head} heads), block {c.block_size}, vocab "
           f"{c.vocab_size}, batch {args.num_samples}, {args.dtype}, {how}, {where}, "
+          f"decode {cases[0][6][0]} at {cases[0][6][1] or torch.get_num_threads()} thread(s), "
           f"{args.repeats} interleaved repeats; medians (min-max)")
-    print(f"{'case':<32}{'tokens/s':>26}{'ms/token':>10}")
-    for name, *_ in cases:
+    print(f"floor: copy bandwidth {machine_median(machine, 'copy_bytes_per_s') / 1e9:.1f} GB/s, fp32 matmul "
+          f"{machine_median(machine, 'matmul_flops_per_s', 'float32') / 1e9:.0f} GFLOP/s (medians of "
+          f"{len(machine)}); a cached token reads {weight_mb(model):.1f} MB of weights plus its KV cache")
+    print(f"{'case':<40}{'tokens/s':>26}{'ms/token':>10}{'floor ms':>10}{'of floor':>10}")
+    for name in times:
         mid = statistics.median(times[name])
-        print(f"{name:<32}{fmt_spread(times[name], ',.1f'):>26}{1000 * args.num_samples / mid:>10.2f}")
+        print(f"{name:<40}{fmt_spread(times[name], ',.1f'):>26}{1000 * args.num_samples / mid:>10.2f}"
+              f"{1000 * args.num_samples / floors[name]:>10.2f}{floor_fraction(mid, floors[name]):>10.1%}")
     for key, ratios in sample_speedups(cases, times).items():
-        i, j = speedup_pairs(cases)[key]
-        print(f"speedup ({cases[i][0]}) / ({cases[j][0]}): {fmt_spread(ratios, '.2f')}x")
+        i, j = speedup_pairs(cases).get(key, (None, None))
+        label = key if i is None else f"({cases[i][0]}) / ({cases[j][0]})"
+        print(f"speedup {label}: {fmt_spread(ratios, '.2f')}x (per repeat: {', '.join(f'{r:.2f}' for r in ratios)})")
     for check in checks:
         verdict = "equal" if check["fp32_first_difference"] is None else (
             f"differ from token {check['fp32_first_difference']} in fp32; float64: "
@@ -674,6 +820,17 @@ def parse_args(argv):
                    "process (a faster start, but a long case can slow the ones after it)")
     p.add_argument("--profile", action="store_true", help="--sample: where a token's time goes with "
                    "the KV cache (torch.profiler, in this process)")
+    p.add_argument("--decode_kernel", help="--sample: decode matmul kernel(s), comma-separated, from "
+                   "auto, aten, aten_t, onednn (default: GPT_DECODE_KERNEL or auto); more than one "
+                   "adds the KV cache case for each, interleaved, with its ratio to the first")
+    p.add_argument("--decode_threads", help="--sample: threads of a decoding step, comma-separated "
+                   "(0 = torch's; default: GPT_DECODE_THREADS or 1); combined with --decode_kernel")
+    p.add_argument("--kernel", help="training: Linear's fp32 CPU matmuls, auto|onednn|aten (sets "
+                   "GPT_CPU_KERNEL for train.py); two, comma-separated, compare them A/B")
+    p.add_argument("--measure_mb", type=int, default=256, help="size of the copy that measures bandwidth, MiB")
+    p.add_argument("--measure_n", type=int, default=1536, help="size of the matmuls that measure FLOP/s")
+    p.add_argument("--cases", help="--sample: only the cases whose names contain one of these "
+                   "';'-separated parts, e.g. '255 new, KV cache;255 new, nanoGPT'")
     p.add_argument("--case", type=int, help=argparse.SUPPRESS)  # one case, in a child process
     p.add_argument("--nanogpt", metavar="DIR", help="--sample: also time nanoGPT's generate (DIR/model.py) "
                    "on the same weights")
@@ -699,6 +856,9 @@ def sample_overrides(rest):
 def main(argv):
     args, rest = parse_args(argv)
     args.argv = argv
+    if not args.sample:  # --device and --dtype are train.py's own settings there, not --sample's
+        rest += [w for w in argv if w.startswith(("--device=", "--dtype="))]
+        args.device = next((w.split("=", 1)[1] for w in reversed(rest) if w.startswith("--device=")), "cpu")
     if args.sample:
         report = bench_sample(sample_overrides(rest), args)
         if report is None:
@@ -707,11 +867,13 @@ def main(argv):
         if not args.compare and not args.compare_cmd:
             raise UserError("--quality needs --compare A B (two settings to time) or --compare-cmd")
         report = bench_quality(args.compare or ("", None), rest, args)
-    elif args.compare or args.compare_cmd:
-        a, b = args.compare or ("", None)
+    elif args.compare or args.compare_cmd or len(kernel_settings(args)) == 2:
+        a, b = args.compare or ("", None if args.compare_cmd else "")
+        kernels = kernel_settings(args)
+        a, b = (f"{kernels[0]} {a}", b if b is None else f"{kernels[-1]} {b}")
         report = bench_compare(a, b, rest, args)
     else:
-        report = bench_single(rest, args)
+        report = bench_single(f"{kernel_settings(args)[0]}", rest, args)
     report["argv"] = argv
     if args.json:
         with open(args.json, "w") as f:

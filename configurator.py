@@ -109,15 +109,19 @@ def print_help(settings, source_file):
         print(f"  --{key}={value!r}".ljust(40) + f"  {comments.get(key, '')}")
 
 
-def configure(settings, argv, source_file):
-    """settings updated by the config files and --key=value overrides in argv, in order."""
+def configure(settings, argv, source_file, given=None):
+    """settings updated by the config files and --key=value overrides in argv, in order; the
+    keys they assign are added to the set `given` when one is passed."""
     settings = dict(settings)
+    given = set() if given is None else given
     if any(arg in ("-h", "--help") for arg in argv):
         print_help(settings, source_file)
         sys.exit(0)
     for arg in argv:
         if not arg.startswith("--"):
-            settings.update(exec_config_file(arg, settings))
+            updates = exec_config_file(arg, settings)
+            settings.update(updates)
+            given.update(updates)
             continue
         if "=" not in arg:
             raise ConfigError(f"override {arg!r} must look like --key=value")
@@ -126,6 +130,7 @@ def configure(settings, argv, source_file):
         value = parse_value(text)
         check_type(settings, key, value, "command line")
         settings[key] = value
+        given.add(key)
     return settings
 
 

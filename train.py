@@ -16,7 +16,6 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import (ANY, ConfigError, UserError, at_least, check_settings, configure, in_range,
                           install_error_hook, one_of)
 from gpt_trainer import checkpoint
-from gpt_trainer.checkpoint import (build_model, capture_rng, check_model_args, claim_out_dir, last_saved,
+from gpt_trainer.checkpoint import (build_model, capture_rng, claim_out_dir, last_saved,
                                     load_resume_point, model_config, restore_rng, resume_training,
                                     save_training_state, save_weights, start_over)
 from gpt_trainer.dataloader import BatchLoader, check_same_tokenizer, load_meta, open_dataset
@@ -34,7 +33,9 @@ from gpt_trainer.evaluation import (TASKS, Interrupted, estimate_loss, eval_toke
                                     parse_tasks, score_tasks, split_tasks, token_byte_lengths)
 from gpt_trainer.hf import GPT2_NAMES
 from gpt_trainer.metrics import MetricsLogger
+from gpt_trainer.nanogpt import checkpoint_fields, config_fields
 from gpt_trainer.optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
+from gpt_trainer.resume_config import resume_settings, saved_run
 from gpt_trainer.runtime import (StopSignal, derive_grad_accum, keep_freed_memory, peak_flops, peak_gpu_memory_mb,
                                  report_dead_ranks, set_grad_sync, setup, shard_model, teardown, try_compile)
 from model import GPT, GPTConfig, RECOMPUTE
@@ -81,7 +82,7 @@ n_kv_head = 0  # key/value heads for grouped-query attention; 0 = n_head
 pos_emb = "learned"  # 'learned' (GPT-2) or 'rope'
 rope_theta = 10000.0  # RoPE base frequency
 norm = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm'
-mlp = "gelu"  # 'gelu' (GPT-2), 'relu2' or 'swiglu'
+mlp = "gelu"  # 'gelu' (GPT-2's tanh), 'gelu_exact' (erf, nanoGPT's), 'relu2' or 'swiglu'
 multiple_of = 64  # SwiGLU hidden size rounds up to a multiple of this
 qk_norm = False  # normalise queries and keys before attention
 tie_embeddings = True  # share the token embedding with the output head (GPT-2)
@@ -171,11 +172,18 @@ class TrainingError(UserError):
 
 if __name__ == "__main__":
     install_error_hook()
-    defaults = {k: globals()[k] for k in SETTINGS}
-    globals().update(configure(defaults, sys.argv[1:], __file__))
+    defaults, given = {k: globals()[k] for k in SETTINGS}, set()
+    settings = configure(defaults, sys.argv[1:], __file__, given)
+    # a resume continues the checkpoint's run: its settings, with this launch's overrides said
+    saved = saved_run(settings["out_dir"], settings["fsdp"]) if settings["init_from"] in ("resume", "auto") else None
+    resume_notes = []
+    if saved:
+        settings, resume_notes = resume_settings(defaults, settings, given, saved, MODEL_KEYS)
+    globals().update(settings)
     config = {k: globals()[k] for k in SETTINGS}  # what this run used, saved in checkpoints
     check_settings(config, RULES, __file__, RELATIONS)
-    check_model_settings(config)
+    if not saved:  # (a resumed model is the checkpoint's, whose fields may go beyond MODEL_KEYS)
+        check_model_settings(config)
     explicit = {k for k in SETTINGS if config[k] != defaults[k]}
 
     # -------------------------------------------------------------------------
@@ -211,6 +219,8 @@ if __name__ == "__main__":
     if master_process:
         if auto and init_from == "scratch":
             print(f"init_from='auto': no checkpoint in {out_dir}, starting from scratch")
+        for note in resume_notes:
+            print(note)
         print(f"device {device}, dtype {dtype}, world size {world_size}, {grad_accum} micro-steps "
               f"per rank, {tokens_per_iter:,} tokens per iteration")
     torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards them as they are)
@@ -229,11 +239,10 @@ if __name__ == "__main__":
         ckpt = load_resume_point(out_dir, fsdp)
         if master_process:
             print(f"resuming from {resume_path} at iter {ckpt['iter_num']}")
-        check_model_args(ckpt["model_args"], {k: config[k] for k in explicit & set(MODEL_KEYS)}, resume_path)
         if fsdp:  # weights are loaded after sharding, below
-            model = GPT(model_config({**ckpt["model_args"], "dropout": dropout}, resume_path))
+            model = GPT(model_config({**config_fields(ckpt), "dropout": dropout}, resume_path))
         else:
-            model = build_model(ckpt, resume_path, dropout=dropout if "dropout" in explicit else None)
+            model = build_model(ckpt, resume_path, dropout=dropout if saved else None)  # saved: the run's
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         bad_steps = ckpt.get("bad_steps", 0)
     else:
@@ -244,7 +253,6 @@ if __name__ == "__main__":
             model.crop_block_size(block_size)
     if block_size != model.config.block_size:
         raise ConfigError(f"block_size={block_size} but the model has block_size {model.config.block_size}")
-    model_args = asdict(model.config)
     model.set_recompute(activation_checkpointing)
     model.to(device)
     if master_process:
@@ -295,7 +303,8 @@ if __name__ == "__main__":
     logger = MetricsLogger(out_dir, iter_num, config, wandb_log, wandb_project, wandb_run_name,
                            tensorboard_log) if master_process else None
 
-    run_info = dict(model_args=model_args, config=config, meta=meta)  # in every checkpoint of this run
+    # in every checkpoint of this run; model_args is nanoGPT's when nanoGPT can express the model
+    run_info = dict(**checkpoint_fields(raw_model.config), config=config, meta=meta)
 
     # -------------------------------------------------------------------------
     # training loop
@@ -427,6 +436,7 @@ if __name__ == "__main__":
                       f"mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}")
                 logger.log({"iter": iter_num, "loss": lossf, "lr": lr_scale * learning_rate, "grad_norm": norm,
                             "ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt, "mfu": mfu,
+                            "flops_per_iter": raw_model.flops_per_token() * tokens_per_iter,
                             "bad_steps": bad_steps, "data_wait_ms": loader.wait_time * 1000,
                             "peak_cuda_mem_mb": peak_gpu_memory_mb(device_type)})
         t0 = time.perf_counter()

@@ -11,7 +11,6 @@ A training run owns its out_dir while it runs (a lock), never starts over anothe
 checkpoints unless told to, and saves and restores its resume point through the functions
 below, which take everything they use as arguments.
 """
-import dataclasses
 import os
 import pickle
 import random
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gpt_trainer import nanogpt
 from gpt_trainer.dirlock import _locks, lock_dir  # noqa: F401 (_locks: the tests release them)
 from gpt_trainer.errors import CheckpointError
 from gpt_trainer.fsutil import fsync_dir, write_failure
@@ -257,8 +257,9 @@ def model_config(model_args, path):
 
 
 def build_model(ckpt, path, dropout=None):
-    """The GPT a checkpoint describes, with its weights loaded (dropout may be overridden)."""
-    args = dict(ckpt["model_args"])
+    """The GPT a checkpoint describes (ours, or nanoGPT's: see gpt_trainer/nanogpt.py), with its weights
+    loaded (dropout may be overridden)."""
+    args = nanogpt.config_fields(ckpt)
     if dropout is not None:
         args["dropout"] = dropout
     model = GPT(model_config(args, path))
@@ -270,17 +271,6 @@ def build_model(ckpt, path, dropout=None):
     return model
 
 
-def check_model_args(saved, requested, path):
-    """Architecture settings given for this run must agree with the checkpoint's. A key the
-    checkpoint lacks (nanoGPT's have 7) is built with GPTConfig's default, so an override of it
-    is compared with that default: never ignored in silence."""
-    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
-    for key, value in requested.items():
-        have = saved.get(key, defaults.get(key))
-        if key != "dropout" and (key in saved or key in defaults) and have != value:
-            where = f"model_args.{key}={have!r}" if key in saved else f"no {key} (so {key}={have!r}, the default)"
-            raise CheckpointError(f"{path} has {where} but this run sets {key}={value!r}; drop the override "
-                                  f"or use a new out_dir")
 
 
 def capture_rng():
@@ -309,9 +299,6 @@ def restore_rng(state):
 
 # -----------------------------------------------------------------------------
 # a training run's resume point: what train.py saves and restores, with explicit arguments
-
-NANOGPT_MODEL_ARGS = {"n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout"}
-
 
 def load_resume_point(out_dir, fsdp=False):
     """out_dir's resume point (ckpt.pt; ckpt_dcp with fsdp), with every key a resume needs checked."""
@@ -343,18 +330,35 @@ def param_names(model, opt):
 
 def named_state_dict(model, opt):
     """opt.state_dict() with each group's parameter names under 'param_names' (torch's own key
-    for them), so that a resume maps state to parameters by name, never by position."""
+    for them), so that a resume maps state to parameters by name, never by position. The
+    parameters are in nanoGPT's order, so that its train.py, which maps by position, resumes it."""
     state = opt.state_dict()
+    rank = {n: i for i, n in enumerate(nanogpt.param_order(n for n, _ in model.named_parameters()))}
+    saved, next_id = {}, 0
     for group, names in zip(state["param_groups"], param_names(model, opt)):
-        group["param_names"] = names
+        pairs = sorted(zip(group["params"], names), key=lambda pair: rank[pair[1]])
+        group["params"], group["param_names"] = [], []
+        for old_id, name in pairs:
+            if old_id in state["state"]:
+                saved[next_id] = state["state"][old_id]
+            group["params"].append(next_id)
+            group["param_names"].append(name)
+            next_id += 1
+    state["state"] = saved
     return state
+
+
+def optimizer_state(model, optimizers):
+    """The checkpoint's 'optimizer': one state_dict as nanoGPT saves it, a list for several."""
+    states = [named_state_dict(model, opt) for opt in optimizers]
+    return states[0] if len(states) == 1 else states
 
 
 def saved_param_names(saved, ckpt, model, opt):
     """Per group, the names of the parameters of a saved optimizer state, in its order."""
     if all("param_names" in g for g in saved["param_groups"]):
         return [g["param_names"] for g in saved["param_groups"]]
-    if set(ckpt["model_args"]) <= NANOGPT_MODEL_ARGS:
+    if nanogpt.written_by_nanogpt(ckpt):
         # nanoGPT's configure_optimizers: the >= 2-D parameters, then the others, each in
         # named_parameters order, which is its state_dict's without the tied lm_head.weight
         weights = {n: t for n, t in ckpt["model"].items() if n != "lm_head.weight"}
@@ -456,7 +460,7 @@ def save_training_state(path, model, optimizers, scaler, sampler, fsdp=False, **
         return save_sharded(model, optimizers, state, os.path.dirname(path), dist.get_rank())
     state["model"] = model.state_dict()
     if not dist.is_initialized() or dist.get_rank() == 0:
-        state["optimizer"] = [named_state_dict(model, opt) for opt in optimizers]
+        state["optimizer"] = optimizer_state(model, optimizers)
     write_on_rank0(state, path, next(model.parameters()).device)
 
 
@@ -550,7 +554,7 @@ def consolidate(out_dir, path=None):
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         dcp_to_torch_save(step_dir, os.path.join(tmp, "full.pt"))
         full = torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=True)
-    keep = ("model_args", "iter_num", "best_val_loss", "config", "meta")
+    keep = ("model_args", "gpt_config", "iter_num", "best_val_loss", "config", "meta")
     ckpt = {"model": full["model"], **{k: state[k] for k in keep if k in state}}
     path = path or ckpt_path(out_dir)
     save_checkpoint(ckpt, path)

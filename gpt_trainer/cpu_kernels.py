@@ -4,11 +4,14 @@ counterpart computes (same parameters, same IEEE arithmetic class); they only ch
 the CPU gets there. Why and how much each one pays is measured in docs/benchmarks.md.
 """
 import math
+import os
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from gpt_trainer.errors import UserError
 
 
 def cpu_vendor(cpuinfo="/proc/cpuinfo"):
@@ -31,22 +34,84 @@ def onednn_fp32(vendor):
     return ONEDNN_LINEAR is not None and vendor == "AuthenticAMD"
 
 
-ONEDNN_FP32 = onednn_fp32(cpu_vendor())
-ONEDNN_MIN_ROWS = 32  # fewer rows (decoding) are matrix-vector products, where aten is faster
+# Every vendor- or size-specific choice below can be forced by an environment variable, so
+# that `python bench.py ... --kernel=aten,onednn` (or --decode_kernel, --decode_threads)
+# re-decides it on a new machine in one command (docs/benchmarks.md).
+LINEAR_KERNELS = ("auto", "onednn", "aten")
+DECODE_KERNELS = ("auto", "aten", "aten_t", "onednn")
+
+
+def env_choice(name, allowed, default="auto", environ=None):
+    value = (os.environ if environ is None else environ).get(name, default)
+    if value not in allowed:
+        raise UserError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def linear_kernel(setting, vendor):
+    """'onednn' or 'aten' for Linear's fp32 CPU matmuls of ONEDNN_MIN_ROWS rows or more."""
+    if setting == "onednn" and ONEDNN_LINEAR is None:
+        raise UserError("GPT_CPU_KERNEL=onednn but this torch has no oneDNN (torch.ops.mkldnn)")
+    if setting == "auto":
+        return "onednn" if onednn_fp32(vendor) else "aten"
+    return setting
+
+
+def decode_kernel(setting):
+    """How a decoding step's matmuls run (x is one row per sample): 'aten' (F.linear on the
+    (out, in) weight), 'aten_t' (x @ a contiguous (in, out) copy of the weight, which MKL's
+    sgemm streams faster than its matrix-vector path on an AMD EPYC) or 'onednn'. 'auto'
+    picks aten_t, vendor-neutral (docs/benchmarks.md has the A/B)."""
+    if setting == "onednn" and ONEDNN_LINEAR is None:
+        raise UserError("GPT_DECODE_KERNEL=onednn but this torch has no oneDNN (torch.ops.mkldnn)")
+    return "aten_t" if setting == "auto" else setting
+
+
+ONEDNN_FP32 = linear_kernel(env_choice("GPT_CPU_KERNEL", LINEAR_KERNELS), cpu_vendor()) == "onednn"
+# fewer rows (decoding) are matrix-vector products, where aten is faster
+ONEDNN_MIN_ROWS = int(os.environ.get("GPT_ONEDNN_MIN_ROWS", 32))
+DECODE_KERNEL = decode_kernel(env_choice("GPT_DECODE_KERNEL", DECODE_KERNELS))
+# threads of a decoding step; 0 = torch's. One by default: a step is ~100 small ops, and with
+# two OpenMP threads each op's fork and join waits for a core; when another process holds
+# one, a token took 10-30x longer (docs/benchmarks.md)
+DECODE_THREADS = int(os.environ.get("GPT_DECODE_THREADS", 1))
+
+
+def decode_weight(weight, kernel):
+    """A Linear's weight as decode_linear(..., kernel) reads it."""
+    return weight.t().contiguous() if kernel == "aten_t" else weight
+
+
+def decode_linear(x, weight, bias, kernel):
+    """x @ W.T + b for a decoding step's few rows; weight from decode_weight(W, kernel)."""
+    rows = x.reshape(-1, x.size(-1))
+    if kernel == "aten_t":
+        y = rows @ weight if bias is None else torch.addmm(bias, rows, weight)
+    elif kernel == "onednn":
+        y = ONEDNN_LINEAR(rows, weight, bias, "none", [], "")
+    else:
+        y = F.linear(rows, weight, bias)
+    return y.view(*x.shape[:-1], y.size(-1))
 
 
 @contextmanager
-def decoding(weight):
+def decoding(weight, threads=None):
     """For decoding steps of a model with this weight: oneDNN off when it runs in fp32 on the
     CPU, where at a few rows oneDNN's per-call cost exceeds the work (exact GELU goes
-    through it by default)."""
-    enabled = torch.backends.mkldnn.enabled
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+    through it by default), and DECODE_THREADS threads on the CPU."""
+    threads = DECODE_THREADS if threads is None else threads
+    enabled, before = torch.backends.mkldnn.enabled, torch.get_num_threads()
+    cpu = weight.device.type == "cpu"
+    if cpu and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
         torch.backends.mkldnn.enabled = False
+    if cpu and threads and threads != before:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.backends.mkldnn.enabled = enabled
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 class OneDNNLinear(torch.autograd.Function):

@@ -67,7 +67,7 @@ class GraphDecoder:
         autocast = torch.is_autocast_enabled("cuda")
         if autocast:
             dtype = torch.get_autocast_dtype("cuda")
-            self.params = [{k: p.to(dtype) if p.dim() == 2 else p for k, p in block.items()}
+            self.params = [{k: p.to(dtype) if torch.is_tensor(p) and p.dim() == 2 else p for k, p in block.items()}
                            for block in self.params]
         fn = torch.compile(decode_fn, dynamic=False) if self.compile else decode_fn
         decode = lambda token, cache, params: fn(model, token, cache, params)  # noqa: E731

@@ -337,7 +337,11 @@ def score_tasks(tasks, model, batch_size, ctx, device, rank=0, world_size=1, sho
     for name, encoded in tasks.items():
         if name == "lm_eval":
             from gpt_trainer.harness import score_harness
-            out.update(score_harness(encoded.loaded, model, encoded.tok, batch_size, ctx, encoded.max_examples))
+            # one process only: the harness's ranks run different numbers of batches, and
+            # should_stop may be a collective (then a signal is heard once the tasks are scored)
+            check = (lambda: _check_stop(should_stop)) if world_size == 1 else None
+            out.update(score_harness(encoded.loaded, model, encoded.tok, batch_size, ctx, encoded.max_examples,
+                                     check=check))
             continue
         scores = score_multiple_choice(model, encoded, batch_size, ctx, device, rank, world_size, should_stop)
         out.update({f"{name}_{k}": v for k, v in scores.items()})

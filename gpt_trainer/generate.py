@@ -7,7 +7,8 @@ that decides what comes next lives here.
 import torch
 from torch.nn import functional as F
 
-from gpt_trainer.cpu_kernels import attention, decoding
+from gpt_trainer import cpu_kernels
+from gpt_trainer.cpu_kernels import attention, decode_linear, decode_weight, decoding
 from model import activate, apply_rope
 
 WINDOWS = ("exact", "chunked", "sliding")  # generation past block_size, see generate_stream
@@ -47,7 +48,9 @@ def norm(x, params, name, config):
 
 
 def linear(x, params, name):
-    return F.linear(x, params[name + ".weight"], params.get(name + ".bias"))
+    """A decoding step's Linear `name`; params from decode_params, which holds its weight as
+    params['kernel'] reads it (cpu_kernels.decode_linear)."""
+    return decode_linear(x, params[name + ".weight"], params.get(name + ".bias"), params["kernel"])
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -68,9 +71,22 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return choice if ids is None else ids.gather(-1, choice)
 
 
-def decode_params(model):
-    """Per block, its parameters by name ('attn.c_attn.weight', ...), as decode() reads them."""
-    return [dict(block.named_parameters()) for block in model.transformer.h]
+def decode_params(model, kernel=None):
+    """Per block, its parameters by name ('attn.c_attn.weight', ...) and 'kernel', as decode()
+    reads them. On the CPU the kernel is cpu_kernels.DECODE_KERNEL by default; with 'aten_t'
+    the matrices are transposed copies, kept on the model until a parameter changes (in place
+    or replaced). Elsewhere it is 'aten': the weights themselves."""
+    if model.lm_head.weight.device.type != "cpu":
+        kernel = "aten"
+    kernel = kernel or cpu_kernels.DECODE_KERNEL
+    key = (kernel, [(id(p), p.data_ptr(), p._version) for p in model.parameters()])
+    cached = getattr(model, "_decode_params", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            prepared = [{**{n: decode_weight(p, kernel) if p.dim() == 2 else p for n, p in block.named_parameters()},
+                         "kernel": kernel} for block in model.transformer.h]
+        model._decode_params = cached = (key, prepared)
+    return cached[1]
 
 
 def decode(model, token, cache, params):
@@ -135,7 +151,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
         from gpt_trainer.cuda_decode import graph_decoder
         graphs = graph_decoder(model, B, compile=cuda_graphs == "compile")
     for L in range(T, T + max_new_tokens):  # L tokens so far
-        with decoding(model.lm_head.weight):
+        one = use_cache and cache is not None and (cache.pos < bs or sliding)
+        with decoding(model.lm_head.weight, threads=None if one else 0):  # DECODE_THREADS for one
             if not use_cache:
                 logits, _ = model(seq[:, 0 if sliding else max(0, L - bs):L], sliding=sliding)
             elif cache is not None and (cache.pos < bs or sliding):

@@ -42,7 +42,8 @@ class GPTLM(TemplateLM):
     'gpt-trainer' for lm_eval's command line). Requests are scored in batches of batch_size under
     ctx (autocast; default: dtype's on the model's device)."""
 
-    def __init__(self, model, tokenizer, batch_size=8, dtype="auto", max_gen_toks=256, seed=1234, ctx=None):
+    def __init__(self, model, tokenizer, batch_size=8, dtype="auto", max_gen_toks=256, seed=1234, ctx=None,
+                 check=None):
         super().__init__()
         from gpt_trainer.runtime import autocast_context, resolve_dtype
         self.model, self.tok = model.eval(), tokenizer
@@ -57,6 +58,7 @@ class GPTLM(TemplateLM):
         if dist.is_initialized():  # the harness shares requests out across ranks itself
             self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
         self.unreadable = 0  # requests a char model could not read (scored -inf / left empty)
+        self.check = check or (lambda: None)  # called before every batch: raises to stop (a signal)
 
     # -------------------------------------------------------------------------
     # tokenizer
@@ -138,6 +140,7 @@ class GPTLM(TemplateLM):
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         out = [None] * len(rows)
         for start in range(0, len(order), self.batch_size):
+            self.check()
             batch = [rows[i] for i in order[start:start + self.batch_size]]
             for i, score in zip(order[start:start + self.batch_size], self._score_batch(batch)):
                 out[i] = score
@@ -182,6 +185,7 @@ class GPTLM(TemplateLM):
             groups.setdefault(key, []).append((i, ids))
         for (kwargs, until, max_new, _), members in groups.items():
             for start in range(0, len(members), self.batch_size):
+                self.check()
                 chunk = members[start:start + self.batch_size]
                 texts = self._generate([ids for _, ids in chunk], json.loads(kwargs), json.loads(until), max_new)
                 for (i, _), text in zip(chunk, texts):
@@ -271,18 +275,21 @@ def load_harness_tasks(specs, include_path="", num_fewshot=None):
     return loaded
 
 
-def score_harness(loaded, model, tok, batch_size, ctx, limit=0, log_samples=False):
+def score_harness(loaded, model, tok, batch_size, ctx, limit=0, log_samples=False, check=None):
     """{'lm_eval:<task>_<metric>': value, 'lm_eval:<task>_n': examples} for tasks from
     load_harness_tasks, through the harness's evaluate() (what simple_evaluate runs, without
     reseeding the run's RNGs or collecting pip's package list). A metric of a filter other than
     'none' is named <metric>_<filter>; no stderr (bootstrap_iters=0). Every rank calls it; the
-    numbers come back on rank 0 (the harness shares the requests out across ranks)."""
+    numbers come back on rank 0 (the harness shares the requests out across ranks). check() is
+    called before every batch, and may raise to stop the scoring."""
     from lm_eval.evaluator import evaluate
-    lm = GPTLM(model=model, tokenizer=tok, batch_size=batch_size, ctx=ctx)
+    lm = GPTLM(model=model, tokenizer=tok, batch_size=batch_size, ctx=ctx, check=check)
     was_training = model.training
-    results = evaluate(lm=lm, task_dict=loaded, limit=limit or None, bootstrap_iters=0, log_samples=log_samples,
-                       verbosity="WARNING")
-    model.train(was_training)
+    try:
+        results = evaluate(lm=lm, task_dict=loaded, limit=limit or None, bootstrap_iters=0, log_samples=log_samples,
+                           verbosity="WARNING")
+    finally:
+        model.train(was_training)
     if lm.unreadable and lm.rank == 0:
         print(f"note: lm_eval: {lm.unreadable} requests held characters outside the model's vocabulary "
               f"(scored -inf, or generated nothing)", file=sys.stderr)

@@ -327,8 +327,9 @@ def check_exportable(config, source):
     else:
         gpt2 = GPTConfig(block_size=config.block_size, vocab_size=config.vocab_size, n_layer=config.n_layer,
                          n_head=config.n_head, n_embd=config.n_embd)
-        need = {key: [getattr(gpt2, key)] for key in ("norm", "qk_norm", "tie_embeddings", "bias",
-                                                      "logit_softcap", "head_dim")}
+        # bias=False is exported with zero biases (export_gpt2): the same function
+        need = {key: [getattr(gpt2, key)] for key in ("norm", "qk_norm", "tie_embeddings", "logit_softcap",
+                                                      "head_dim")}
         need["mlp"] = sorted(set(HF_ACTIVATIONS.values()))
         need["n_kv_head"] = [0, config.n_head]  # grouped-query attention
         where = "a pos_emb='learned' model is exported as HF GPT2LMHeadModel"
@@ -452,7 +453,12 @@ def export_model(model, out_dir, tokenizer=None, source="model"):
 def export_gpt2(model, out_dir, source):
     from transformers import GPT2LMHeadModel
     hf_model = GPT2LMHeadModel(gpt2_hf_config(model.config))
-    missing, unexpected = hf_model.load_state_dict(convert_state_dict(model.state_dict()), strict=False)
+    tensors = convert_state_dict(model.state_dict())
+    if not model.config.bias:  # GPT-2 always has biases: zeros compute the same function
+        for name, t in hf_model.state_dict().items():
+            if name.endswith(".bias") and not name.endswith(HF_BUFFERS) and name not in tensors:
+                tensors[name] = torch.zeros_like(t)
+    missing, unexpected = hf_model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith(HF_BUFFERS)]
     if missing or unexpected:
         raise HFError(f"{source}: weights do not map onto HF GPT-2 (missing {missing}, "

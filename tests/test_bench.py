@@ -18,9 +18,9 @@ from trainutil import corpus_text, write_char_dataset  # noqa: E402
 # 1 layer x 32, block 16: an iteration takes milliseconds, so a run is mostly start-up
 TINY_TRAIN = ["--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=32",
               "--block_size=16", "--batch_size=4", "--gradient_accumulation_steps=1",
-              "--warmup_iters=2", "--max_iters=8", "--warmup=2"]
+              "--warmup_iters=2", "--max_iters=8", "--warmup=2", "--measure_mb=8", "--measure_n=128"]
 TINY_SAMPLE = ["--sample", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
-               "--tokens=40", "--repeats=2", "--in_process"]
+               "--tokens=40", "--repeats=2", "--in_process", "--measure_mb=8", "--measure_n=128"]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,25 @@ def test_train_report(tiny_data, tmp_path):
     assert result["mfu"] is None  # no known peak FLOPS on a CPU
     assert result["data_wait_ms_per_iter"] >= 0
     assert result["rounds"][0]["iters_timed"] == 7  # 8 iterations minus 1 warm-up
-    for row in ("ms/iter", "tokens/s", "peak RSS MiB", "data wait ms/iter"):
+    for row in ("ms/iter", "tokens/s", "peak RSS MiB", "data wait ms/iter", "floor ms/iter", "% of floor"):
         assert row in out
+    check_train_floor(out, result["rounds"][0], tiny_data)
+
+
+def check_train_floor(out, run, data_dir):
+    """The floor: FLOPs per iteration as the MFU formula gives them for the model train.py
+    built (6N + 12 L H Q T per token), over the best fp32 rate measured before the run; the
+    printed fraction is the measured speed over the floor's."""
+    from gpt_trainer.dataloader import load_meta
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=load_meta(data_dir)["vocab_size"]))
+    assert run["flops_per_iter"] == (6 * model.get_num_params() + 12 * 1 * 2 * 16 * 16) * 4 * 16  # 4 x 16 tokens
+    rate = run["machine"]["matmul_flops_per_s"]["float32"]
+    assert run["dtype"] == "float32" and rate == max(run["machine"]["matmul_by_library"]["float32"].values())
+    assert run["floor_ms_per_iter"] == pytest.approx(1000 * run["flops_per_iter"] / rate)
+    assert run["floor_fraction"] == pytest.approx(run["floor_ms_per_iter"] / run["ms_per_iter"])
+    row = next(line for line in out.splitlines() if line.startswith("% of floor"))
+    assert float(row.split()[-1]) == pytest.approx(100 * run["floor_fraction"], abs=0.051)
 
 
 @pytest.mark.slow
@@ -95,6 +112,26 @@ def check_sample_report(out, report):
     # sampled tokens with the cache equal those of full recomputation (same seed)
     assert [c["ok"] for c in report["token_checks"]] == [True, True, True]
     assert out.count("token check") == 3 and "DIFFER" not in out
+    check_sample_floor(out, report)
+
+
+def check_sample_floor(out, report):
+    """The KV cache case's floor: its bytes (floors.py) over the median copy bandwidth of
+    those measured before each repeat; printed fractions are measured speed over the floor's."""
+    from gpt_trainer import floors
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(**{**bench.SAMPLE_MODEL, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}))
+    assert len(report["machine"]) >= 1  # measured before each repeat
+    bandwidth = bench.machine_median(report["machine"], "copy_bytes_per_s")
+    rate = bench.machine_median(report["machine"], "matmul_flops_per_s", "float32")
+    want = 31 / floors.generation_floor(model, 1, 31, True, "exact", bandwidth, rate)
+    assert report["floor_tokens_per_s"]["31 new, KV cache"] == pytest.approx(want)
+    for case, speed in report["median_tokens_per_s"].items():
+        assert report["fraction_of_floor"][case] == pytest.approx(speed / report["floor_tokens_per_s"][case])
+    line = next(line for line in out.splitlines() if line.startswith("31 new, KV cache "))
+    floor_ms, frac = line.split()[-2:]
+    assert float(floor_ms) == pytest.approx(1000 / report["floor_tokens_per_s"]["31 new, KV cache"], abs=0.006)
+    assert float(frac.rstrip("%")) == pytest.approx(100 * report["fraction_of_floor"]["31 new, KV cache"], abs=0.051)
 
 
 def test_sample(tmp_path):
@@ -195,3 +232,33 @@ def test_sample_nanogpt_needs_a_checkout_and_its_architecture(tmp_path):
     (tmp_path / "model.py").write_text("")
     with pytest.raises(UserError, match="same weights"):
         bench.nanogpt_model(str(tmp_path), models["rope"])
+
+
+def test_sample_decode_variants(tmp_path):
+    """--decode_kernel and --decode_threads A/B every decode kernel and thread count in one
+    command: each gets the KV cache case, its tokens equal full recomputation, and its
+    per-repeat ratio to the first is reported; --cases keeps only the cases named."""
+    from gpt_trainer import cpu_kernels
+    kernels = ["aten_t", "aten"] + (["onednn"] if cpu_kernels.ONEDNN_LINEAR is not None else [])
+    out, report = run_bench(*TINY_SAMPLE, f"--decode_kernel={','.join(kernels)}", "--decode_threads=1,2",
+                            "--cases=31 new, KV cache;31 new, no cache", tmp_path=tmp_path)
+    variants = [f"{k}@{t}" for k in kernels for t in (1, 2)]
+    assert list(report["median_tokens_per_s"]) == ["31 new, KV cache", "31 new, no cache"] + [
+        f"31 new, KV cache, {v}" for v in variants[1:]]
+    assert [c["ok"] for c in report["token_checks"]] == [True] * len(variants)
+    assert set(report["speedups"]) == {"cache_vs_none_short"} | {f"variant {v} vs aten_t@1" for v in variants[1:]}
+    assert "decode aten_t at 1 thread(s)" in out
+    with pytest.raises(AssertionError, match="matches none of"):
+        run_bench(*TINY_SAMPLE, "--cases=nothing", tmp_path=tmp_path)
+
+
+def test_train_dtype_and_device_reach_train_py(tiny_data, tmp_path):
+    """--dtype and --device are --sample's options too; when training they are train.py's, and
+    the floor uses the rate of the dtype the run used."""
+    args = [a for a in TINY_TRAIN if a != "--max_iters=8"] + ["--max_iters=4", "--warmup=1"]
+    out, report = run_bench(*args, f"--data_dir={tiny_data}", "--dtype=bfloat16", tmp_path=tmp_path)
+    run = report["result"]["rounds"][0]
+    assert "--dtype=bfloat16" in run["command"] and "--device=cpu" in run["command"]
+    assert run["dtype"] == "bfloat16"
+    rate = run["machine"]["matmul_flops_per_s"]["bfloat16"]
+    assert run["floor_ms_per_iter"] == pytest.approx(1000 * run["flops_per_iter"] / rate)

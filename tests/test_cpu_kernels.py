@@ -2,9 +2,13 @@
 cpu_kernels.py: each CPU kernel against the PyTorch operation it replaces (SDPA, F.linear),
 with gradients.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_probs_attention_matches_sdpa_and_gradcheck():
@@ -141,3 +145,92 @@ def test_decoding_turns_onednn_off_for_fp32_cpu_steps_only():
             assert torch.backends.mkldnn.enabled
     with decoding(model.lm_head.weight.double()):
         assert torch.backends.mkldnn.enabled
+
+
+def test_linear_kernel_choices():
+    """Training Linear's fp32 kernel: 'auto' is oneDNN on AMD only, and either can be forced."""
+    from gpt_trainer import cpu_kernels
+    from gpt_trainer.errors import UserError
+    has = cpu_kernels.ONEDNN_LINEAR is not None
+    assert cpu_kernels.linear_kernel("auto", "AuthenticAMD") == ("onednn" if has else "aten")
+    assert cpu_kernels.linear_kernel("auto", "GenuineIntel") == "aten"
+    assert cpu_kernels.linear_kernel("aten", "AuthenticAMD") == "aten"
+    if has:
+        assert cpu_kernels.linear_kernel("onednn", "GenuineIntel") == "onednn"
+    with pytest.raises(UserError, match="GPT_CPU_KERNEL='mkl' is not one of auto, onednn, aten"):
+        cpu_kernels.env_choice("GPT_CPU_KERNEL", cpu_kernels.LINEAR_KERNELS, environ={"GPT_CPU_KERNEL": "mkl"})
+    assert cpu_kernels.decode_kernel("auto") in cpu_kernels.DECODE_KERNELS[1:]
+
+
+def test_kernel_environment_variables():
+    """What bench.py's --kernel / --decode_kernel / --decode_threads set reaches cpu_kernels in a
+    new process (train.py, a sample case); a bad value is one line naming the variable."""
+    import subprocess
+    import sys
+    from gpt_trainer import cpu_kernels
+    probe = ("import gpt_trainer.cpu_kernels as k; print(k.ONEDNN_FP32, k.ONEDNN_MIN_ROWS, k.DECODE_KERNEL, "
+             "k.DECODE_THREADS)")
+    env = dict(os.environ, GPT_CPU_KERNEL="aten", GPT_ONEDNN_MIN_ROWS="4", GPT_DECODE_KERNEL="aten",
+               GPT_DECODE_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "4", "aten", "2"], out.stderr
+    if cpu_kernels.ONEDNN_LINEAR is not None:
+        env.update(GPT_CPU_KERNEL="onednn", GPT_DECODE_KERNEL="onednn")
+        out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
+        assert out.stdout.split()[::2] == ["True", "onednn"], out.stderr
+    env["GPT_DECODE_KERNEL"] = "fast"
+    p = subprocess.run([sys.executable, "bench.py", "--sample", "--profile"], cwd=REPO, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "GPT_DECODE_KERNEL='fast' is not one of auto, aten, aten_t, onednn" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("kernel", ["aten", "aten_t", "onednn"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_kernels_equal_full_recomputation(monkeypatch, kernel, threads):
+    """Every decode matmul kernel, at one and two threads: a decoding step's logits are
+    forward()'s, and greedy tokens with the cache equal those of full recomputation; the step
+    runs at its thread count and the caller's is restored."""
+    from gpt_trainer import cpu_kernels
+    from gpt_trainer.generate import KVCache, decode, decode_params, generate
+    from model import GPT, GPTConfig
+    if kernel == "onednn" and cpu_kernels.ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(cpu_kernels, "DECODE_KERNEL", kernel)
+    monkeypatch.setattr(cpu_kernels, "DECODE_THREADS", threads)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=48, n_layer=2, n_head=4, n_embd=64, bias=True)).eval()
+    idx = torch.randint(48, (2, 12))
+    caches = [KVCache(2), KVCache(2)]
+    for cache in caches:
+        model(idx[:, :5], kv_cache=cache)
+    params = decode_params(model)
+    assert params[0]["kernel"] == kernel
+    shape = params[0]["attn.c_attn.weight"].shape
+    assert shape == ((64, 192) if kernel == "aten_t" else (192, 64))  # (in, out) copies for aten_t
+    for t in range(5, 12):
+        want, _ = model(idx[:, t:t + 1], kv_cache=caches[0])
+        torch.testing.assert_close(decode(model, idx[:, t:t + 1], caches[1], params), want, rtol=1e-5, atol=1e-5)
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    cached = generate(model, idx[:, :3], 20, temperature=0)
+    assert seen == [before] + [threads] * 19 and torch.get_num_threads() == before  # the prefill keeps torch's
+    assert torch.equal(cached, generate(model, idx[:, :3], 20, temperature=0, use_cache=False))
+
+
+def test_decode_params_follow_the_weights():
+    """aten_t's transposed copies are kept between generate calls and rebuilt once a weight
+    changes, so sampling after a training step uses the new weights."""
+    from gpt_trainer.generate import decode_params
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    first = decode_params(model, "aten_t")
+    assert decode_params(model, "aten_t") is first
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(2)  # as an optimizer step does, in place
+    again = decode_params(model, "aten_t")
+    assert again is not first
+    assert torch.equal(again[0]["mlp.c_fc.weight"], model.transformer.h[0].mlp.c_fc.weight.t())
+    assert decode_params(model, "aten")[0]["mlp.c_fc.weight"] is model.transformer.h[0].mlp.c_fc.weight

@@ -276,6 +276,17 @@ def test_scoring_leaves_the_run_rngs_alone(gpt2_model, tmp_path):
     assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]
 
 
+def test_a_stop_signal_ends_scoring_within_a_batch(gpt2_model, tmp_path):
+    """evaluation.score_tasks asks should_stop before every batch of the harness's requests too
+    (one process): a signal during a long harness eval is heard within a batch, as in ours."""
+    model, tok, _, _ = gpt2_model
+    tasks = {"lm_eval": evaluation.HarnessTasks(harness.load_harness_tasks([mc_task(str(tmp_path))]), tok, 0)}
+    asked = []
+    with pytest.raises(evaluation.Interrupted):
+        evaluation.score_tasks(tasks, model, 2, nullcontext(), "cpu", should_stop=lambda: asked.append(1) or len(asked) > 2)
+    assert len(asked) == 3 and model.training is False  # stopped at the third batch of 16; the mode restored
+
+
 # -----------------------------------------------------------------------------
 # during training, and the harness's own command line
 

@@ -153,7 +153,7 @@ def test_export_without_gpt2_meta_writes_no_tokenizer(tmp_path, hf_dir):
 
 @pytest.mark.parametrize("option, value", [
     ("mlp", "swiglu"), ("mlp", "relu2"), ("norm", "rmsnorm"), ("n_kv_head", 1),
-    ("qk_norm", True), ("tie_embeddings", False), ("bias", False), ("logit_softcap", 30.0), ("head_dim", 16)])
+    ("qk_norm", True), ("tie_embeddings", False), ("logit_softcap", 30.0), ("head_dim", 16)])
 def test_export_refuses_what_gpt2_cannot_express(tmp_path, option, value):
     model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16, **{option: value}))
     ckpt = save_ours(model, str(tmp_path / "ckpt.pt"))

@@ -18,9 +18,12 @@ import pytest
 from trainutil import REPO, SHAKESPEARE, child_env
 
 README = os.path.join(REPO, "README.md")
-# every docs/*.md, run after the README's (whose commands prepare what theirs use), in name order
-DOCS = sorted(os.path.join(REPO, "docs", f) for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md"))
-COMMAND = re.compile(r"^    (python|torchrun|pip|bash|hf |NANO)")
+# every docs/*.md, run after the README's (whose commands prepare what theirs use): these first, in
+# this order, then the others by name
+FIRST = ("nanogpt.md", "evaluation.md", "cpu_speed.md", "gpu.md", "reliability.md")
+DOCS = [os.path.join(REPO, "docs", name) for name in FIRST] + sorted(
+    os.path.join(REPO, "docs", f) for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md") and f not in FIRST)
+COMMAND = re.compile(r"^    (python|torchrun|pip|bash|hf |NANO|cd )")
 # appended to every train.py run: a tiny model, two iterations, and a fresh start in an out_dir
 # that an earlier command of the README already trained into
 TINY_TRAIN = ("--device=cpu --compile=False --n_layer=1 --n_head=2 --n_kv_head=0 --n_embd=32 --block_size=32 "
@@ -28,9 +31,10 @@ TINY_TRAIN = ("--device=cpu --compile=False --n_layer=1 --n_head=2 --n_kv_head=0
               "--eval_iters=1 --warmup_iters=1 --lr_decay_iters=2 --overwrite=True")
 TINY_SAMPLE = "--device=cpu --max_new_tokens=8"
 TINY_EVALUATE = "--device=cpu --eval_iters=1 --max_examples=2"
-TINY_BENCH_SAMPLE = "--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --tokens=40 --repeats=1"
+TINY_BENCH_SAMPLE = ("--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --tokens=40 --repeats=1 "
+                     "--measure_mb=8 --measure_n=128")
 TINY_BENCH_TRAIN = ("--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --batch_size=2 --max_iters=3 "
-                    "--warmup=1 --rounds=1")
+                    "--warmup=1 --rounds=1 --measure_mb=8 --measure_n=128")
 TINY_BENCH_QUALITY = "--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --max_iters=4 --eval_interval=2 --eval_iters=1"
 SKIPS = [  # (a part of the command, why it cannot run here)
     ("python -m pytest", "the test suite itself"), ("bash .ci/run", "the test suite itself"),
@@ -42,7 +46,9 @@ SKIPS = [  # (a part of the command, why it cannot run here)
     ("openwebtext/prepare.py", "downloads OpenWebText (54 GB)"),
     ("hf download", "downloads SmolLM2 from the Hugging Face hub"),
     ("SmolLM2", "needs SmolLM2-135M from the hub"), ("smollm2", "needs SmolLM2-135M from the hub"),
-    ("--nnodes=2", "needs a second machine"), ("NANO", "needs a nanoGPT checkout ($NANOGPT)"),
+    ("--nnodes=2", "needs a second machine"), ("NANO", "needs a nanoGPT checkout ($NANOGPT): run by "
+                                                       "tests/test_nanogpt.py with NANOGPT=DIR"),
+    ("--index-url", "installs torch from download.pytorch.org; .ci/run installs the same CPU build"),
     ("--input=src/", "run with the inputs it names by tests/test_dataprep.py::test_readme_data_commands"),
     ("--input='logs", "run with the inputs it names by tests/test_dataprep.py::test_readme_data_commands"),
     ("--input=docs.parquet", "run with the inputs it names by tests/test_dataprep.py::test_readme_data_commands"),
@@ -103,12 +109,15 @@ def plan(command):
 
 def test_every_readme_command_has_a_plan():
     commands = readme_commands()
-    quick_start = commands[0]
+    quick_start = next(c for c in commands if "prepare.py" in c)  # after the install line
     assert "prepare.py" in quick_start and "train.py" in quick_start and "sample.py" in quick_start
     assert [kind for kind, _ in plan(quick_start)] == ["skip", "run", "run", "run"]
     # the README's test command is the one .ci/run runs
     assert "pip install -r requirements.txt && python -m pytest -q tests" in commands
-    assert "python -m pytest -q tests\n" in open(os.path.join(REPO, ".ci", "run")).read()
+    ci = open(os.path.join(REPO, ".ci", "run")).read().splitlines()
+    assert "pip install -r requirements.txt && python -m pytest -q tests" in ci, "CI runs it as written"
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu && pip install -r requirements.txt" \
+        in commands, "the README says how to install without CUDA wheels"
     plans = [p for c in commands for p in plan(c)]
     runs = [cmd for kind, cmd in plans if kind == "run"]
     assert len(runs) >= 15, "most of the README's commands run here"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainutil import (REPO, TRAIN, char_data, eval_losses, one_error_line, read_metrics,  # noqa: F401
+from trainutil import (REPO, TRAIN, char_data, eval_losses, load_ckpt, one_error_line, read_metrics,  # noqa: F401
                        run_raw, run_train, step_losses, write_char_dataset)
 
 import sys  # noqa: E402
@@ -354,8 +354,26 @@ def test_model_args_mismatch(tmp_path, best_run, char_data):
     out = str(tmp_path / "out")
     shutil.copytree(best_run, out)
     line = resume_error(out, char_data, max_iters=20, n_layer=3)
-    assert "model_args.n_layer" in line and os.path.join(out, "ckpt.pt") in line
-    assert "2" in line and "3" in line
+    assert f"n_layer=3 but the model in {os.path.join(out, 'ckpt.pt')} has n_layer=2" in line
+
+
+def test_resume_alone_continues_the_run(tmp_path, best_run):
+    """--init_from=resume --out_dir alone: the model, the data and the settings are the
+    checkpoint's (nanoGPT's block_size=1024 default no longer gets in the way); an override is
+    applied and said."""
+    out = str(tmp_path / "out")
+    shutil.copytree(best_run, out)
+    before = load_ckpt(out)
+    p = run_raw(["--init_from=resume", f"--out_dir={out}", "--max_iters=14", "--lr_decay_iters=14"])
+    assert p.returncode == 0, p.stderr
+    assert "resume: max_iters=14 (the checkpoint's run had 12)" in p.stdout
+    assert "resume: lr_decay_iters=14 (the checkpoint's run had 12)" in p.stdout
+    after = load_ckpt(out)
+    assert after["iter_num"] == 14 and after["gpt_config"] == before["gpt_config"]
+    changed = {k for k in before["config"] if before["config"][k] != after["config"][k]}
+    # this launch's: the overrides, where it runs; vocab_size=0 ("the dataset's") is now the model's 65
+    assert changed == {"max_iters", "lr_decay_iters", "init_from", "device", "compile", "out_dir", "vocab_size"}
+    assert after["config"]["vocab_size"] == after["model_args"]["vocab_size"]
 
 
 # -----------------------------------------------------------------------------
