@@ -795,6 +795,7 @@ def print_sample(model, cases, times, checks, floors, machine, args):
 
 # -----------------------------------------------------------------------------
 
+# argparse, not configurator's settings: bench.py passes train.py's config files and --key=value through
 def parse_args(argv):
     """Bench options; everything else (config files, --key=value) passes through to
     train.py, or, with --sample, sets GPTConfig fields. --compare takes the next two words

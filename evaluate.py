@@ -40,16 +40,15 @@ SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinsta
 
 import json  # noqa: E402
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from configurator import ANY, ConfigError, at_least, check_settings, configure, install_error_hook  # noqa: E402
+from configurator import ANY, at_least, check_settings, configure, install_error_hook  # noqa: E402
+from gpt_trainer.dataloader import open_dataset  # noqa: E402
 from gpt_trainer.errors import DataError  # noqa: E402
 from gpt_trainer.evaluation import (TASKS, estimate_loss, format_results, load_tasks, parse_tasks,  # noqa: E402
                                     score_tasks, token_byte_lengths)
 from gpt_trainer.fsutil import write_failure  # noqa: E402
 from gpt_trainer.loading import checkpoint_data_dir  # noqa: E402
 from gpt_trainer.loading import load_model as load_model_for_inference  # noqa: E402
+from gpt_trainer.runtime import setup, teardown  # noqa: E402
 from gpt_trainer.tokenizer import tokenizer_from_meta  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -106,19 +105,11 @@ def write_results(path, out):
 
 
 def main(s):
-    from gpt_trainer.dataloader import open_dataset
-    from gpt_trainer.runtime import autocast_context, init_distributed, resolve_device, resolve_dtype
     check_settings(s, RULES, __file__)
     names = parse_tasks(s["tasks"], "tasks", extra=("val",))
-    ddp, rank, _, world_size, device = init_distributed(s["backend"], resolve_device(s["device"]))
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    ctx = autocast_context(device_type, resolve_dtype(s["dtype"], device_type))
-    torch.backends.cuda.matmul.allow_tf32 = True
+    ddp, rank, _, world_size, device, _, _, ctx = setup(s["device"], s["dtype"], s["backend"])
     model, tok, source, data_dir = load_model(s)
     cfg = model.config
-    if tok.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"the model has vocab_size {cfg.vocab_size} but its tokenizer ({tok.name}) has "
-                          f"{tok.vocab_size} tokens; they do not belong together")
     model.eval().to(device)
     if s["compile"]:
         model.compile(dynamic=True)
@@ -141,12 +132,7 @@ def main(s):
             print(f"{key[:-2]}: {out[key]:,} examples scored")
         if s["results"]:
             write_results(s["results"], out)
-    if ddp:
-        dist.barrier()  # see the end of train.py: gloo must not be torn down by finalization
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    teardown(ddp)
 
 
 if __name__ == "__main__":

@@ -4,20 +4,30 @@ options), or write an FSDP run's sharded checkpoint as one ckpt.pt:
 
     python export.py --ckpt=out/ckpt.pt --out=out/hf      # -> config.json, model.safetensors, tokenizer
     python export.py --consolidate=out                    # out/ckpt_dcp/ -> out/ckpt.pt
+
+Settings are set like train.py's: a config file, then --key=value overrides; --help lists them.
 """
 import json
 import os
 import sys
 from dataclasses import asdict
 
-from configurator import ArgumentParser, install_error_hook
-from gpt_trainer import lora
-from gpt_trainer.chat_template import DEFAULT_JINJA, SPECIALS
-from gpt_trainer.checkpoint import consolidate, load_checkpoint
-from gpt_trainer.errors import HFError
-from gpt_trainer.hf import checkpoint_tokenizer_files, export_model, read_gpt2_tokenizer_files
-from gpt_trainer.loading import build_any_model
-from model import GPT, GPTConfig
+# -----------------------------------------------------------------------------
+# settings
+ckpt = "out/ckpt.pt"  # the checkpoint to export
+out = ""  # the directory to write ('' = out/hf); with consolidate, the ckpt.pt to write ('' = OUT_DIR/ckpt.pt)
+consolidate = ""  # an FSDP run's out_dir: write its sharded ckpt_dcp/ as one ckpt.pt (weights, no optimizer)
+adapter = ""  # LoRA checkpoints: also write the peft adapter here (and the unmerged base model in ADAPTER/base)
+# -----------------------------------------------------------------------------
+SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+
+from configurator import configure, install_error_hook  # noqa: E402
+from gpt_trainer import checkpoint, lora  # noqa: E402
+from gpt_trainer.chat_template import DEFAULT_JINJA, SPECIALS  # noqa: E402
+from gpt_trainer.errors import HFError  # noqa: E402
+from gpt_trainer.hf import checkpoint_tokenizer_files, export_model, read_gpt2_tokenizer_files  # noqa: E402
+from gpt_trainer.loading import build_any_model  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 
 def export_hf(ckpt_path, out_dir, adapter_dir=None):
@@ -28,7 +38,7 @@ def export_hf(ckpt_path, out_dir, adapter_dir=None):
     tokenizer was written: 'hf', 'bpe', 'gpt2' or None)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise HFError(f"--out={out_dir} is a file, not a directory; pick another --out")
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = checkpoint.load_checkpoint(ckpt_path)
     model = build_any_model(ckpt, ckpt_path)
     if adapter_dir and not hasattr(model, "lora"):
         raise HFError(f"{ckpt_path} was not trained with LoRA (lora_rank=0): it has no adapter to export")
@@ -74,24 +84,12 @@ def export_chat_template(out_dir, meta, tokenizer):
 
 
 def main(argv):
-    parser = ArgumentParser(description="Export a checkpoint as a Hugging Face directory (GPT-2, "
-                                        "Llama or Qwen3, by its architecture), or consolidate a "
-                                        "sharded (FSDP) checkpoint into one ckpt.pt.")
-    parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to export")
-    parser.add_argument("--out", default=None, help="directory to write (config.json, model.safetensors); "
-                                                    "default out/hf; with --consolidate: the ckpt.pt to "
-                                                    "write, default OUT_DIR/ckpt.pt")
-    parser.add_argument("--consolidate", default="", metavar="OUT_DIR",
-                        help="write OUT_DIR/ckpt_dcp/ (an FSDP run's sharded checkpoint) as one ckpt.pt "
-                             "(weights, no optimizer) for sample.py, evaluate.py and export")
-    parser.add_argument("--adapter", default=None, help="LoRA checkpoints: also write the peft adapter here "
-                                                         "(and the unmerged base model in ADAPTER/base)")
-    args = parser.parse_args(argv)
-    if args.consolidate:
-        print(f"wrote {consolidate(args.consolidate, args.out)}")
+    s = configure({k: globals()[k] for k in SETTINGS}, argv, __file__)
+    if s["consolidate"]:
+        print(f"wrote {checkpoint.consolidate(s['consolidate'], s['out'] or None)}")
         return
-    out = args.out or "out/hf"
-    model, tokenizer = export_hf(args.ckpt, out, args.adapter)
+    out = s["out"] or "out/hf"
+    model, tokenizer = export_hf(s["ckpt"], out, s["adapter"] or None)
     n = sum(p.numel() for p in model.parameters())
     with open(os.path.join(out, "config.json")) as f:
         arch = json.load(f)["architectures"][0]

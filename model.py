@@ -63,6 +63,8 @@ class GPTConfig:
             raise ValueError(f"pos_emb='rope' needs an even head size, got {self.head_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.rope_theta <= 0 or self.logit_softcap < 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be > 0 and logit_softcap={self.logit_softcap} >= 0")
 
     @property
     def kv_heads(self):

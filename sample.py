@@ -15,7 +15,7 @@ import torch
 from configurator import UserError, configure, install_error_hook
 from gpt_trainer.generate import WINDOWS, decode, generate_stream
 from gpt_trainer.loading import load_model
-from gpt_trainer.runtime import autocast_context, resolve_device, resolve_dtype
+from gpt_trainer.runtime import setup
 
 # -----------------------------------------------------------------------------
 # settings
@@ -177,13 +177,10 @@ def print_finished(samples, printed, prompt_text):
             printed[i] = True
 
 
-def prepare_model(model, tok, device, compile_model, window="exact"):
-    """(the model on device, checked against its tokenizer and window; the function of each
-    decoding step, compiled with the model when compile_model)."""
+def prepare_model(model, device, compile_model, window="exact"):
+    """(the model on device, checked against the window; the function of each decoding step,
+    compiled with the model when compile_model)."""
     model.eval().to(device)
-    if tok.vocab_size > model.config.vocab_size:
-        raise SampleError(f"the model has vocab_size {model.config.vocab_size} but its tokenizer "
-                          f"({tok.name}) has {tok.vocab_size} tokens; they do not belong together")
     if window == "sliding" and model.config.pos_emb != "rope":
         raise SampleError("window='sliding' needs a RoPE model (pos_emb='rope'); this one has learned "
                           "positions: use window='exact' or 'chunked'")
@@ -201,12 +198,10 @@ if __name__ == "__main__":
     check_settings(settings)
 
     torch.manual_seed(seed)
-    device = resolve_device(device)
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    ctx = autocast_context(device_type, resolve_dtype(dtype, device_type))
-    torch.backends.cuda.matmul.allow_tf32 = True
+    rt = setup(device, dtype, distributed=False)  # one process, even under torchrun
+    device, ctx = rt.device, rt.ctx
     model, tok, source, _ = load_model(init_from, out_dir, ckpt)
-    model, decode_fn = prepare_model(model, tok, device, compile, window)
+    model, decode_fn = prepare_model(model, device, compile, window)
     print(f"{source}: {model.get_num_params() / 1e6:.2f}M parameters, block_size "
           f"{model.config.block_size}, tokenizer {tok.name} ({tok.vocab_size} tokens), {device}",
           file=sys.stderr)

@@ -33,18 +33,16 @@ from gpt_trainer.dataloader import BatchLoader, check_same_tokenizer, data_vocab
 from gpt_trainer.evaluation import (TASKS, Interrupted, estimate_loss, eval_tokenizer, format_results, load_tasks,
                                     parse_tasks, score_tasks, split_tasks, token_byte_lengths)
 from gpt_trainer.hf import GPT2_NAMES
+from gpt_trainer.loading import build_any_model
+from gpt_trainer.lora import TARGETS as LORA_TARGETS, add_lora, base_fingerprint
 from gpt_trainer.metrics import MetricsLogger
 from gpt_trainer.nanogpt import checkpoint_fields, config_fields
 from gpt_trainer.optim import clip_gradients, configure_optimizers, get_lr, step_optimizers, tally_skips
 from gpt_trainer.resume_config import resume_settings, saved_run
-from gpt_trainer.runtime import (StopSignal, autocast_context, derive_grad_accum, init_distributed, keep_freed_memory,
-                                 peak_flops, peak_gpu_memory_mb, report_dead_ranks, resolve_device, resolve_dtype,
-                                 set_grad_sync, shard_model, try_compile)
-from model import CHOICES, GPT, GPTConfig, RECOMPUTE
-from gpt_trainer.lora import TARGETS as LORA_TARGETS
-from gpt_trainer.loading import build_any_model
-from gpt_trainer.lora import add_lora, base_fingerprint
+from gpt_trainer.runtime import (StopSignal, derive_grad_accum, keep_freed_memory, peak_flops, peak_gpu_memory_mb,
+                                 report_dead_ranks, set_grad_sync, setup, shard_model, teardown, try_compile)
 from gpt_trainer.sft import ChatBatchLoader, estimate_masked_loss, open_masks, sft_loss
+from model import GPT, GPTConfig, RECOMPUTE
 
 # -----------------------------------------------------------------------------
 # settings: defaults train GPT-2 124M on OpenWebText on 8 GPUs, as nanoGPT
@@ -127,7 +125,9 @@ activation_checkpointing = "none"  # recompute activations in backward to save m
 seed = 1337  # seeds the data order and every RNG
 # -----------------------------------------------------------------------------
 SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+MODEL_KEYS = [k for k in GPTConfig.field_names() if k in SETTINGS]  # the settings that are GPTConfig's
 POSITIVE, NON_NEGATIVE, FRACTION = at_least(1), at_least(0), in_range(0.0, 1.0)
+BY_GPTCONFIG = (lambda v: True, "what model.GPTConfig accepts (check_model_settings)")  # each rule once
 # what each setting accepts, checked before anything is created (a test asks for one per setting)
 RULES = dict(
     out_dir=(lambda v: v != "", "a directory path"), eval_interval=POSITIVE, log_interval=POSITIVE,
@@ -140,11 +140,8 @@ RULES = dict(
     tensorboard_log=ANY, plot=ANY, overwrite=ANY, max_bad_steps=POSITIVE, wandb_log=ANY, wandb_project=ANY, wandb_run_name=ANY,
     dataset=(lambda v: v != "", "a directory name under data/"), data_dir=ANY,
     gradient_accumulation_steps=POSITIVE, total_batch_size=NON_NEGATIVE, batch_size=POSITIVE,
-    block_size=POSITIVE, sampling=one_of("random", "epoch"), loss_mask=ANY,
-    n_layer=POSITIVE, n_head=POSITIVE, n_embd=POSITIVE, dropout=FRACTION, bias=ANY, vocab_size=NON_NEGATIVE,
-    n_kv_head=NON_NEGATIVE, pos_emb=one_of(*CHOICES["pos_emb"]), rope_theta=(lambda v: v > 0, "> 0"),
-    norm=one_of(*CHOICES["norm"]), mlp=one_of(*CHOICES["mlp"]), multiple_of=POSITIVE, qk_norm=ANY,
-    tie_embeddings=ANY, logit_softcap=NON_NEGATIVE,
+    sampling=one_of("random", "epoch"), loss_mask=ANY,
+    **{k: BY_GPTCONFIG for k in MODEL_KEYS},
     optimizer=one_of("adamw", "muon"), learning_rate=NON_NEGATIVE, max_iters=NON_NEGATIVE,
     weight_decay=NON_NEGATIVE, beta1=FRACTION, beta2=FRACTION, grad_clip=NON_NEGATIVE,
     muon_lr=NON_NEGATIVE, muon_momentum=FRACTION,
@@ -170,8 +167,15 @@ RELATIONS = [
      lambda c: f"warmup_iters={c['warmup_iters']} is past lr_decay_iters={c['lr_decay_iters']}: the decay "
                f"would end before the warmup does; set --lr_decay_iters to at least warmup_iters (usually max_iters)"),
 ]
-MODEL_KEYS = ["n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "n_kv_head",
-              "pos_emb", "rope_theta", "norm", "mlp", "multiple_of", "qk_norm", "tie_embeddings", "logit_softcap"]
+
+
+def check_model_settings(config):
+    """GPTConfig's own checks of the model settings (vocab_size 0: from the dataset, later), as
+    a ConfigError before anything is created or written."""
+    try:
+        GPTConfig(**{**{k: config[k] for k in MODEL_KEYS}, "vocab_size": config["vocab_size"] or 1})
+    except ValueError as e:
+        raise ConfigError(str(e))
 
 
 class TrainingError(UserError):
@@ -190,25 +194,16 @@ if __name__ == "__main__":
     globals().update(settings)
     config = {k: globals()[k] for k in SETTINGS}  # what this run used, saved in checkpoints
     check_settings(config, RULES, __file__, RELATIONS)
-    try:  # the architecture's own checks (e.g. n_embd divisible by n_head), before anything is written
-        if not saved:  # (a resumed model is the checkpoint's, whose fields may go beyond MODEL_KEYS)
-            GPTConfig(**{**{k: config[k] for k in MODEL_KEYS}, "vocab_size": vocab_size or 1})
-    except ValueError as e:
-        raise ConfigError(str(e))
+    if not saved:  # (a resumed model is the checkpoint's, whose fields may go beyond MODEL_KEYS)
+        check_model_settings(config)
     explicit = {k for k in SETTINGS if config[k] != defaults[k]}
 
     # -------------------------------------------------------------------------
     # device, dtype, DDP: decided once, the loop below has no device branches
-    device = resolve_device(device)
-    ddp, rank, local_rank, world_size, device = init_distributed(backend, device, ddp_timeout)
+    ddp, rank, local_rank, world_size, device, device_type, dtype, ctx = setup(device, dtype, backend, ddp_timeout)
     master_process = rank == 0
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    dtype = resolve_dtype(dtype, device_type)
-    ctx = autocast_context(device_type, dtype)
     if device_type == "cpu":
         keep_freed_memory()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     if fsdp and not ddp:
         raise ConfigError("fsdp=True needs torchrun (e.g. torchrun --nproc_per_node=2 train.py ...)")
     if fsdp and lora_rank:
@@ -489,13 +484,4 @@ if __name__ == "__main__":
     loader.close()
     if master_process:
         logger.close()
-    if ddp:
-        # gloo's worker threads release a finished collective's tensors on their own; one that
-        # does so while Python finalizes cannot take the GIL, and the process aborts (exit -6,
-        # "terminate called without an active exception"; 2 of 25 torchrun eval_only runs, and
-        # CI even after the barrier). All is saved by now: skip finalization (0 of 25 that way).
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    teardown(ddp)

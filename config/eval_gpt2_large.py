@@ -1,5 +1,5 @@
 # Loss and bits per byte of OpenAI's gpt2-large on OpenWebText (python data/openwebtext/prepare.py
-# first), and its HellaSwag score (llm.c's reference for GPT-2 774M: acc_norm 0.4320; README, Evaluation)
+# first), and its HellaSwag score (llm.c's reference for GPT-2 774M: acc_norm 0.4320; docs/evaluation.md)
 batch_size = 8
 eval_iters = 500  # more batches for a tighter estimate
 eval_only = True

@@ -15,7 +15,7 @@
 #   - batch 24: fewer, larger matmuls per token; as token-efficient as batch 12 with Muon
 #   - a short warmup-stable-decay schedule that ends exactly at max_iters, where the one
 #     evaluation that matters happens, so the run stops right after it reaches the target
-# Measured with bench.py --quality (README, "Benchmarks"): val 1.8526 at iter 300 after 16.6 s
+# Measured with bench.py --quality (docs/benchmarks.md): val 1.8526 at iter 300 after 16.6 s
 # from launch, against 57.6 s for the CPU recipe to reach its best val (1.8940): 0.29x.
 
 out_dir = "out-speedrun-shakespeare-char-cpu"

@@ -1,7 +1,7 @@
 """
 CPU speed kernels used by model.py. Each computes exactly what its plain PyTorch
 counterpart computes (same parameters, same IEEE arithmetic class); they only change how
-the CPU gets there. Why and how much each one pays is measured in the README's benchmarks.
+the CPU gets there. Why and how much each one pays is measured in docs/benchmarks.md.
 """
 import math
 import os
@@ -30,7 +30,7 @@ ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 def onednn_fp32(vendor):
     """Whether Linear's fp32 matmuls go through oneDNN on this CPU vendor. aten's are MKL's on
     x86, which takes its fast paths on Intel CPUs only: oneDNN trains faster on an AMD EPYC
-    and slower on an Intel Xeon (BENCHMARKS.md)."""
+    and slower on an Intel Xeon (docs/benchmarks.md)."""
     return ONEDNN_LINEAR is not None and vendor == "AuthenticAMD"
 
 

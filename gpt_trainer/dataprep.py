@@ -568,6 +568,7 @@ def fit_bpe(texts, vocab_size, path, total):
 # the small prepare scripts
 
 
+# argparse, as data/text/prepare.py (which needs it), so every prepare script reads its options alike
 def script_args(script_file, description, url=None, argv=None, **options):
     """The options every small prepare script shares: --out_dir (default: the script's own
     dir, where nanoGPT puts its data), for one that downloads its input --url, and

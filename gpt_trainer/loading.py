@@ -8,6 +8,7 @@ import sys
 
 from gpt_trainer.checkpoint import build_model, inference_path, load_checkpoint
 from gpt_trainer.dataloader import load_meta
+from gpt_trainer.errors import ConfigError
 from gpt_trainer.hf import gpt_from_hf, hf_tokenizer
 from gpt_trainer.lora import build_lora_model, merge
 from gpt_trainer.tokenizer import tokenizer_from_meta
@@ -37,12 +38,17 @@ def build_any_model(ckpt, path, dropout=None):
 
 
 def load_model(init_from="resume", out_dir="out", ckpt="auto"):
-    """(model, tokenizer, where the model came from, the checkpoint's training settings or {})."""
+    """(model, tokenizer, where the model came from, the checkpoint's training settings or {}),
+    the tokenizer checked to fit the model."""
     if init_from == "resume":
         path = inference_path(out_dir, ckpt)
         checkpoint = load_checkpoint(path)
-        model = build_any_model(checkpoint, path)
+        model, tok, config = build_any_model(checkpoint, path), checkpoint_tokenizer(checkpoint), checkpoint.get("config")
         if hasattr(model, "lora"):  # decode steps read plain weights: fold the adapters in
             merge(model)
-        return model, checkpoint_tokenizer(checkpoint), path, checkpoint.get("config") or {}
-    return gpt_from_hf(init_from), hf_tokenizer(init_from), init_from, {}
+    else:
+        model, tok, path, config = gpt_from_hf(init_from), hf_tokenizer(init_from), init_from, {}
+    if tok.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"the model has vocab_size {model.config.vocab_size} but its tokenizer ({tok.name}) has "
+                          f"{tok.vocab_size} tokens; they do not belong together")
+    return model, tok, path, config or {}

@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,7 @@ def keep_freed_memory():
     """glibc hands big freed blocks back to the OS, so each CPU training step page-faults its
     activations in again (~1,200 faults per iteration of the CPU recipe). Keep blocks up to
     glibc's 32 MiB limit in the heap and never trim it: 3x fewer page faults over a run and
-    ~15% faster steps (README, Benchmarks). A no-op where malloc is not glibc's."""
+    ~15% faster steps (docs/benchmarks.md). A no-op where malloc is not glibc's."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
@@ -88,6 +89,47 @@ def init_distributed(backend, device, timeout_s=600):
         backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True, rank, local_rank, world_size, device
+
+
+class Runtime(NamedTuple):
+    ddp: bool  # under torchrun, with a process group
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str  # 'cpu', 'cuda:N', 'mps'
+    device_type: str  # 'cpu', 'cuda', 'mps'
+    dtype: str  # 'float32', 'bfloat16', 'float16'
+    ctx: object  # autocast to dtype, or a no-op for float32
+
+
+def setup(device="auto", dtype="auto", backend="auto", timeout_s=600, distributed=True):
+    """The device, dtype and autocast of a command (train, sample, evaluate), and torchrun's
+    process group when launched by it (distributed=False: each process on its own)."""
+    device = resolve_device(device)
+    if distributed:
+        ddp, rank, local_rank, world_size, device = init_distributed(backend, device, timeout_s)
+    else:
+        ddp, rank, local_rank, world_size = False, 0, 0, 1
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    dtype = resolve_dtype(dtype, device_type)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return Runtime(ddp, rank, local_rank, world_size, device, device_type, dtype, autocast_context(device_type, dtype))
+
+
+def teardown(ddp):
+    """End a command's process group, and the process with it. gloo's worker threads release a
+    finished collective's tensors on their own; one that does so while Python finalizes cannot
+    take the GIL, and the process aborts (exit -6, "terminate called without an active
+    exception"; 2 of 25 torchrun eval_only runs, and CI even after the barrier). Everything is
+    saved by now: skip finalization (0 of 25 that way)."""
+    if not ddp:
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def process_dead(pid):

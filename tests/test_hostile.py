@@ -19,8 +19,8 @@ import pytest
 from gpt_trainer import dirlock
 from gpt_trainer.dataloader import load_meta
 from gpt_trainer.errors import DataError
-from test_data import ROOT, run
-from test_prepare import PREPARE, decoded, prepare
+from test_dataloader import ROOT, run
+from test_dataprep import PREPARE, decoded, prepare
 from trainutil import char_data, kill_tree, one_error_line  # noqa: F401 (a fixture)
 
 
@@ -266,7 +266,7 @@ SETTINGS_CASES = {
 def train_runs(tmp_path_factory, char_data):
     """{case: (status, message, out_dir)} of every train.py case below, run in one process."""
     import torch
-    from test_safety import nanogpt_checkpoint, our_checkpoint
+    from test_checkpoint import nanogpt_checkpoint, our_checkpoint
     root = tmp_path_factory.mktemp("train_cases")
     (root / "latin1.py").write_bytes(b"learning_rate = 1e-3  # caf\xe9\n")
     argvs = {}
@@ -600,7 +600,7 @@ def test_faults_at_random_points_give_the_uninterrupted_result(tmp_path, char_da
     moments of a --resume prepare. The trained weights, optimizer state and logged losses
     equal an uninterrupted run's bitwise, and the prepared files an uninterrupted prepare's."""
     import random
-    from test_resume import assert_same
+    from test_run_resume import assert_same
     from trainutil import TRAIN, load_ckpt, read_metrics, run_train, step_losses
     rng = random.Random(23)
     settings = dict(max_iters=60, lr_decay_iters=60, warmup_iters=4, eval_interval=8, ckpt_interval=1,

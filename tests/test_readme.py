@@ -1,5 +1,5 @@
 """
-Every command README.md and docs/cpu_speed.md show is run as written, so a documented example cannot silently
+Every command README.md and docs/*.md show is run as written, so a documented example cannot silently
 break. plan() says how each one runs here: as written, with tiny settings appended where it
 would train or sample for long (and torchrun's 8 processes as 2), or skipped with the reason
 (a download from the internet, a second machine, a nanoGPT checkout). The slow test runs them
@@ -18,8 +18,11 @@ import pytest
 from trainutil import REPO, SHAKESPEARE, child_env
 
 README = os.path.join(REPO, "README.md")
-DOCS = [os.path.join(REPO, "docs", name)  # run after the README's, in this order
-        for name in ("nanogpt.md", "evaluation.md", "cpu_speed.md", "gpu.md", "reliability.md")]
+# every docs/*.md, run after the README's (whose commands prepare what theirs use): these first, in
+# this order, then the others by name
+FIRST = ("nanogpt.md", "evaluation.md", "cpu_speed.md", "gpu.md", "reliability.md")
+DOCS = [os.path.join(REPO, "docs", name) for name in FIRST] + sorted(
+    os.path.join(REPO, "docs", f) for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md") and f not in FIRST)
 COMMAND = re.compile(r"^    (python|torchrun|pip|bash|hf |NANO|cd )")
 # appended to every train.py run: a tiny model, two iterations, and a fresh start in an out_dir
 # that an earlier command of the README already trained into
@@ -46,11 +49,11 @@ SKIPS = [  # (a part of the command, why it cannot run here)
     ("--nnodes=2", "needs a second machine"), ("NANO", "needs a nanoGPT checkout ($NANOGPT): run by "
                                                        "tests/test_nanogpt.py with NANOGPT=DIR"),
     ("--index-url", "installs torch from download.pytorch.org; .ci/run installs the same CPU build"),
-    ("--input=src/", "run with the inputs it names by tests/test_prepare.py::test_readme_data_commands"),
-    ("--input='logs", "run with the inputs it names by tests/test_prepare.py::test_readme_data_commands"),
-    ("--input=docs.parquet", "run with the inputs it names by tests/test_prepare.py::test_readme_data_commands"),
+    ("--input=src/", "run with the inputs it names by tests/test_dataprep.py::test_readme_data_commands"),
+    ("--input='logs", "run with the inputs it names by tests/test_dataprep.py::test_readme_data_commands"),
+    ("--input=docs.parquet", "run with the inputs it names by tests/test_dataprep.py::test_readme_data_commands"),
     ("--input=hf:", "downloads a dataset from the Hugging Face hub"),
-    ("--input=big/", "run with the inputs it names by tests/test_prepare.py::test_readme_data_commands"),
+    ("--input=big/", "run with the inputs it names by tests/test_dataprep.py::test_readme_data_commands"),
     ("smollm2-135m-random", "a 135M-parameter measurement; tests/test_hf_llama.py trains imported models"),
     ("/tmp/bench_char", "the data of the 135M-parameter measurement above"),
     ("lm_eval:arc_easy", "downloads ARC and PIQA from the Hugging Face hub"),

@@ -21,147 +21,12 @@ import sys  # noqa: E402
 from gpt_trainer import checkpoint  # noqa: E402
 import configurator  # noqa: E402
 import train  # noqa: E402  (SETTINGS only: the script is under `if __name__ == "__main__"`)
-from configurator import ConfigError  # noqa: E402
-from gpt_trainer.optim import get_lr  # noqa: E402
-from gpt_trainer.runtime import derive_grad_accum  # noqa: E402
 from gpt_trainer.dataloader import TokenFile, get_batch, load_meta, open_dataset  # noqa: E402
 from gpt_trainer.evaluation import estimate_loss  # noqa: E402
+from model import GPTConfig  # noqa: E402
 
 # -----------------------------------------------------------------------------
-# get_lr
-
-LR, MIN_LR, WARMUP, DECAY = 1e-3, 1e-4, 10, 110
-
-
-@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])
-def test_get_lr_warmup(schedule):
-    lrs = [get_lr(it, LR, MIN_LR, WARMUP, DECAY, schedule) for it in range(WARMUP + 1)]
-    assert lrs[0] > 0, "the first step must not be wasted with lr 0"
-    assert all(a < b for a, b in zip(lrs, lrs[1:])), "warmup must increase"
-    assert lrs[WARMUP] == pytest.approx(LR, rel=1e-12)
-
-
-@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd"])
-def test_get_lr_decays_to_min_lr(schedule):
-    for it in (DECAY, DECAY + 1, DECAY + 1000):
-        assert get_lr(it, LR, MIN_LR, WARMUP, DECAY, schedule) == pytest.approx(MIN_LR, rel=1e-12)
-    lrs = [get_lr(it, LR, MIN_LR, WARMUP, DECAY, schedule) for it in range(WARMUP, DECAY + 1)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:])), "the decay must never go up"
-    assert all(MIN_LR - 1e-15 <= lr <= LR + 1e-15 for lr in lrs)
-    if schedule in ("cosine", "linear"):
-        assert all(a > b for a, b in zip(lrs, lrs[1:])), "cosine/linear decay strictly"
-    if schedule == "linear":
-        mid = (WARMUP + DECAY) // 2
-        assert get_lr(mid, LR, MIN_LR, WARMUP, DECAY, "linear") == pytest.approx((LR + MIN_LR) / 2)
-    if schedule == "cosine":
-        mid = (WARMUP + DECAY) // 2
-        assert get_lr(mid, LR, MIN_LR, WARMUP, DECAY, "cosine") == pytest.approx((LR + MIN_LR) / 2)
-
-
-def test_get_lr_wsd_stable_then_decay():
-    decay_frac = 0.2
-    # 100 post-warmup steps: stable for the first 80, decay over the last 20
-    decay_start = WARMUP + round((1 - decay_frac) * (DECAY - WARMUP))
-    for it in range(WARMUP, decay_start):
-        assert get_lr(it, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) == LR, it
-    assert get_lr(decay_start, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) == pytest.approx(LR)
-    tail = [get_lr(it, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) for it in range(decay_start, DECAY + 1)]
-    assert all(a > b for a, b in zip(tail, tail[1:])), "wsd decays strictly in its last phase"
-    half = decay_start + (DECAY - decay_start) // 2
-    assert get_lr(half, LR, MIN_LR, WARMUP, DECAY, "wsd", decay_frac) == pytest.approx((LR + MIN_LR) / 2)
-
-
-def test_get_lr_constant():
-    for it in range(WARMUP, DECAY + 50):
-        assert get_lr(it, LR, MIN_LR, WARMUP, DECAY, "constant") == LR
-
-
-def test_get_lr_unknown_schedule():
-    with pytest.raises(ConfigError, match="lr_schedule"):
-        get_lr(WARMUP + 1, LR, MIN_LR, WARMUP, DECAY, "cosin")
-
-
-# -----------------------------------------------------------------------------
-# derive_grad_accum
-
-
-def test_derive_grad_accum():
-    assert derive_grad_accum(40, 0, 12, 1024, 1) == 40
-    assert derive_grad_accum(40, 0, 12, 1024, 8) == 5
-    assert derive_grad_accum(4, 0, 8, 32, 2) == 2
-    # total_batch_size wins over gradient_accumulation_steps: 8 * 32 * 2 * 3 tokens
-    assert derive_grad_accum(5, 8 * 32 * 2 * 3, 8, 32, 2) == 3
-    assert derive_grad_accum(5, 524288, 16, 1024, 8) == 4
-
-
-def test_derive_grad_accum_not_divisible_by_world_size():
-    with pytest.raises(ConfigError, match="gradient_accumulation_steps=3.*2"):
-        derive_grad_accum(3, 0, 8, 32, 2)
-
-
-def test_derive_grad_accum_total_batch_not_divisible():
-    with pytest.raises(ConfigError, match="total_batch_size=1000"):
-        derive_grad_accum(1, 1000, 8, 32, 1)
-    with pytest.raises(ConfigError, match="total_batch_size"):
-        derive_grad_accum(1, 8 * 32 * 3, 8, 32, 2)  # one rank's worth too few
-
-
-# -----------------------------------------------------------------------------
-# configurator: unit tests on configure(), then train.py's command line
-
-
-def write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-    return str(path)
-
-
-def test_configure_none_default_takes_anything():
-    assert configurator.configure({"x": None}, ["--x=5"], TRAIN) == {"x": 5}
-    assert configurator.configure({"x": None}, ["--x=abc"], TRAIN) == {"x": "abc"}
-    assert configurator.configure({"x": None}, ["--x=1.5"], TRAIN) == {"x": 1.5}
-
-
-def test_configure_types():
-    settings = {"lr": 0.1, "n": 3, "flag": False, "name": "a", "compile": "auto"}
-    got = configurator.configure(settings, ["--lr=1", "--n=4", "--flag=True", "--name=b c",
-                                            "--compile=False"], TRAIN)
-    assert got == {"lr": 1, "n": 4, "flag": True, "name": "b c", "compile": False}
-    for bad in ("--n=1.5", "--n=abc", "--n=True", "--flag=1", "--lr=abc", "--name=3"):
-        with pytest.raises(configurator.ConfigError, match=bad[2:].split("=")[0]):
-            configurator.configure(settings, [bad], TRAIN)
-
-
-def test_configure_unknown_key_suggests():
-    with pytest.raises(configurator.ConfigError, match="learning_rat.*learning_rate"):
-        configurator.configure({"learning_rate": 0.1}, ["--learning_rat=1"], TRAIN)
-    with pytest.raises(configurator.ConfigError, match="must look like --key=value"):
-        configurator.configure({"learning_rate": 0.1}, ["--learning_rate"], TRAIN)
-
-
-def test_configure_config_file(tmp_path):
-    settings = {"lr": 0.1, "n": 3}
-    good = write(tmp_path / "good.py", "import math\nlr = 0.5\ndef helper():\n    return 1\n_private = 2\n")
-    # files then overrides, in order
-    assert configurator.configure(settings, [good], TRAIN) == {"lr": 0.5, "n": 3}
-    assert configurator.configure(settings, [good, "--lr=0.25"], TRAIN) == {"lr": 0.25, "n": 3}
-    assert configurator.configure(settings, ["--lr=0.25", good], TRAIN) == {"lr": 0.5, "n": 3}
-
-
-def test_configure_config_file_unknown_key(tmp_path):
-    bad = write(tmp_path / "bad.py", "lr = 0.5\nnn = 4\n")
-    with pytest.raises(configurator.ConfigError) as e:
-        configurator.configure({"lr": 0.1, "n": 3}, [bad], TRAIN)
-    assert bad in str(e.value) and "'nn'" in str(e.value)
-
-
-def test_configure_config_file_wrong_type_and_syntax(tmp_path):
-    bad = write(tmp_path / "bad.py", "n = 'four'\n")
-    with pytest.raises(configurator.ConfigError, match="bad.py.*n='four'"):
-        configurator.configure({"lr": 0.1, "n": 3}, [bad], TRAIN)
-    broken = write(tmp_path / "broken.py", "n = (\n")
-    with pytest.raises(configurator.ConfigError, match="broken.py"):
-        configurator.configure({"lr": 0.1, "n": 3}, [broken], TRAIN)
+# train.py's command line (configure() itself: test_configurator.py)
 
 
 def test_cli_unknown_key():
@@ -212,12 +77,24 @@ def test_every_setting_has_a_rule():
 @pytest.mark.parametrize("key, value", [
     ("lr_schedule", "bogus"), ("optimizer", "sgd"), ("decay_frac", -0.1), ("decay_frac", 0.0),
     ("max_iters", -1), ("eval_interval", 0), ("log_interval", 0), ("ckpt_interval", -1),
-    ("batch_size", 0), ("dropout", 1.0), ("device", "cuda:x"), ("dtype", "fp8"), ("sampling", "shuffle"),
-    ("init_from", "gpt3"), ("compile", "yes"), ("mlp", "geglu"), ("gradient_accumulation_steps", 0)])
+    ("batch_size", 0), ("device", "cuda:x"), ("dtype", "fp8"), ("sampling", "shuffle"),
+    ("init_from", "gpt3"), ("compile", "yes"), ("gradient_accumulation_steps", 0)])
 def test_bad_setting_is_refused_by_its_rule(key, value):
     settings = {**{k: getattr(train, k) for k in train.SETTINGS}, key: value}
     with pytest.raises(configurator.ConfigError, match=f"^{key}={value!r} is not valid: it must be"):
         configurator.check_settings(settings, train.RULES, TRAIN)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("dropout", 1.0), ("mlp", "geglu"), ("n_layer", 0), ("block_size", 0), ("vocab_size", -1), ("pos_emb", "alibi"),
+    ("rope_theta", 0.0), ("logit_softcap", -1.0), ("n_kv_head", 5)])
+def test_bad_model_setting_is_refused_by_gptconfig(key, value):
+    """The model settings are checked once, by GPTConfig (train.RULES defers to it)."""
+    assert train.MODEL_KEYS == [k for k in GPTConfig.field_names() if k in train.SETTINGS]
+    settings = {**{k: getattr(train, k) for k in train.SETTINGS}, key: value}
+    configurator.check_settings(settings, train.RULES, TRAIN)
+    with pytest.raises(configurator.ConfigError, match=f"{key}={value!r}"):
+        train.check_model_settings(settings)
 
 
 @pytest.mark.parametrize("override", ["--lr_schedule=bogus", "--n_embd=100"])

@@ -1,10 +1,12 @@
 """
-Shared helpers for the trainer tests (test_train.py, test_resume.py, test_ddp.py):
+Shared helpers for the trainer tests (test_train.py, test_run_*.py, ...):
 a tiny char-level dataset in a temp dir, train.py / torchrun as subprocesses with a tiny
 model, and readers for out_dir/metrics.jsonl.
 """
+import errno
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -212,3 +214,54 @@ def one_error_line(stderr):
     assert lines[0].startswith("error: "), lines[0]
     assert "Traceback" not in stderr
     return lines[0]
+
+
+def worker_pids(agent_pid):
+    """{rank: pid} of torchrun's worker processes, from their environment."""
+    out = subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout
+    ranks = {}
+    for pid in map(int, out.split()):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if b"RANK" in env:
+            ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+class FullDisk:
+    """A file on a disk with `room` bytes left: writes beyond it are short, then fail (ENOSPC)."""
+
+    def __init__(self, path, mode, room):
+        self.f, self.room = open(path, mode), room
+
+    def write(self, data):
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = min(len(data), self.room)
+        self.room -= n
+        return self.f.write(data[:n])
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+# full disk (RLIMIT_FSIZE: writes past the limit fail with EFBIG, like ENOSPC)
+LIMIT = 100_000
+
+
+def small_fsize():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))

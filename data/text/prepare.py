@@ -224,6 +224,7 @@ def prepare(args):
         raise
 
 
+# argparse, not configurator's settings: inputs are many paths (--input=a b c) and --resume is a flag
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", help=argparse.SUPPRESS)  # --input=a b c

@@ -1,5 +1,5 @@
 """The small prepare scripts (shakespeare, openwebtext), tokenizers and their fingerprints,
-metadata and batch loading. data/text/prepare.py is tested in test_prepare.py. The 2 GB
+metadata and batch loading. data/text/prepare.py is tested in test_dataprep.py. The 2 GB
 train.bin test is in the slow tier."""
 import importlib.util
 import json

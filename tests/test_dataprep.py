@@ -24,7 +24,7 @@ import pytest
 from gpt_trainer import corpus
 from gpt_trainer import dataprep
 from gpt_trainer.dataloader import DataError, load_meta, open_dataset
-from test_data import ROOT, EOT, load_module, nanogpt_char_reference, read_split, run
+from test_dataloader import ROOT, EOT, load_module, nanogpt_char_reference, read_split, run
 from gpt_trainer.tokenizer import CharTokenizer, load_tokenizer
 from trainutil import corpus_text, need_tiktoken, one_error_line
 
