@@ -138,6 +138,7 @@ def test_sample(tmp_path):
     check_sample_report(*run_bench(*TINY_SAMPLE, tmp_path=tmp_path))
 
 
+@pytest.mark.slow
 def test_sample_profile(tmp_path):
     out, report = run_bench("--sample", "--profile", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32",
                             tmp_path=tmp_path)
@@ -234,6 +235,7 @@ def test_sample_nanogpt_needs_a_checkout_and_its_architecture(tmp_path):
         bench.nanogpt_model(str(tmp_path), models["rope"])
 
 
+@pytest.mark.slow
 def test_sample_decode_variants(tmp_path):
     """--decode_kernel and --decode_threads A/B every decode kernel and thread count in one
     command: each gets the KV cache case, its tokens equal full recomputation, and its
@@ -252,6 +254,7 @@ def test_sample_decode_variants(tmp_path):
         run_bench(*TINY_SAMPLE, "--cases=nothing", tmp_path=tmp_path)
 
 
+@pytest.mark.slow
 def test_train_dtype_and_device_reach_train_py(tiny_data, tmp_path):
     """--dtype and --device are --sample's options too; when training they are train.py's, and
     the floor uses the rate of the dtype the run used."""

@@ -153,6 +153,7 @@ def test_hf_template_masks_by_generation_blocks_and_by_prefixes(tmp_path):
     assert all(a <= b for a, b in zip(mask_a, mask_b)) and plain.decode(extra) == "\n\n"
 
 
+@pytest.mark.slow
 def test_hf_prepare_and_no_template_error(tmp_path):
     hf_tokenizer(tmp_path / "tok", PLAIN_TEMPLATE)
     src = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}] * 4)

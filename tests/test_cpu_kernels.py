@@ -162,6 +162,7 @@ def test_linear_kernel_choices():
     assert cpu_kernels.decode_kernel("auto") in cpu_kernels.DECODE_KERNELS[1:]
 
 
+@pytest.mark.slow
 def test_kernel_environment_variables():
     """What bench.py's --kernel / --decode_kernel / --decode_threads set reaches cpu_kernels in a
     new process (train.py, a sample case); a bad value is one line naming the variable."""

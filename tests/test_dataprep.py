@@ -298,6 +298,7 @@ def test_lone_surrogates_same_for_every_encoding(tmp_path, encoding):
 # memory, split, vocabulary, meta
 
 
+@pytest.mark.slow
 def test_jsonl_record_larger_than_a_chunk_is_streamed(tmp_path, monkeypatch):
     """A record of ~30 MB read with 1 MB chunks: Python allocates a few chunks, not the record
     (tracemalloc counts allocations, so the bound does not depend on speed)."""

@@ -174,6 +174,7 @@ def test_missing_checkpoint_is_one_error_line(tmp_path):
     assert "ckpt.pt not found" in one_error_line(p.stderr)
 
 
+@pytest.mark.slow
 def test_local_hf_dir(tmp_path):
     transformers = pytest.importorskip("transformers")
     tiktoken = pytest.importorskip("tiktoken")
