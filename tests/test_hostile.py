@@ -562,10 +562,10 @@ def test_glob_through_symlink_loops_takes_each_file_once(tmp_path, loops):
 # fault injection: kill -9 and SIGTERM at random points, then the result of an uninterrupted run
 
 
-def interrupt(cmd, log_path, rng, ready=None, after=1.0, startup=3.0):
+def interrupt(cmd, log_path, rng, ready=None, after=1.0, startup=3.0, always=False):
     """Start cmd, then kill -9 or SIGTERM it at a random moment: within `startup` seconds of
-    its start, or (7 times in 10) within `after` seconds of `ready` appearing in its log.
-    Returns (signal name, exit code)."""
+    its start, or (7 times in 10, or always with `always`) within `after` seconds of `ready`
+    appearing in its log. Returns (signal name, exit code)."""
     import signal
     import time
     from trainutil import child_env
@@ -573,7 +573,7 @@ def interrupt(cmd, log_path, rng, ready=None, after=1.0, startup=3.0):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            if ready and rng.random() < 0.7:
+            if ready and (always or rng.random() < 0.7):
                 deadline = time.monotonic() + 120
                 while ready not in open(log_path).read() and proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.02)
@@ -609,8 +609,12 @@ def test_faults_at_random_points_give_the_uninterrupted_result(tmp_path, char_da
     run_train(straight, char_data, **settings)
     cmd = [sys.executable, TRAIN, *tiny(faulted, char_data, **settings)]
     seen, last = [], 0
-    for _ in range(8):
-        sig, rc = interrupt(cmd, tmp_path / "train.log", rng, ready=": loss ", after=2.5, startup=6.0)
+    for attempt in range(8):
+        # a fault during start-up twice; else just after an iteration this restart reaches, so
+        # the faults land inside training however fast the machine runs it
+        k = rng.randint(last, settings["max_iters"] - 8)
+        ready = None if attempt in (0, 4) else f"iter {k}: loss "
+        sig, rc = interrupt(cmd, tmp_path / "train.log", rng, ready=ready, after=0.05, startup=1.5, always=True)
         text = (tmp_path / "train.log").read_text()
         assert "Traceback" not in text, text[-3000:]
         assert rc in (0, -9, -15), (sig, rc, text[-2000:])  # -15: SIGTERM before the handler is set
