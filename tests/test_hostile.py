@@ -664,3 +664,31 @@ def test_faults_at_random_points_give_the_uninterrupted_result(tmp_path, char_da
     assert sorted(os.listdir(got)) == sorted(os.listdir(ref))
     for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):
         assert (got / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only tmpfs mounted at tmp_path/ro, so that even root's writes fail with EROFS
+    (permission bits do not stop root). Skipped where this process may not mount."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs permission to mount a read-only tmpfs (root on Linux)")
+    yield path
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_read_only_mount_is_one_line(tmp_path, read_only_dir, char_ckpt):
+    """prepare into a data dir on a read-only mount, and evaluate.py --results there: one line
+    saying so; evaluate refuses before it evaluates, so no work is lost."""
+    (tmp_path / "a.txt").write_text(LINES)
+    out = read_only_dir / "data"
+    r = run(PREPARE, f"--input={tmp_path / 'a.txt'}", "--encoding=char", f"--out_dir={out}", "--num_proc=1")
+    assert r.returncode == 1
+    assert "is not writable" in one_error_line(r.stderr) and str(out) in r.stderr
+    results = read_only_dir / "r.json"
+    r = run("evaluate.py", f"--out_dir={char_ckpt}", "--device=cpu", "--eval_iters=1", "--batch_size=2",
+            "--tasks=val", f"--results={results}")
+    assert r.returncode == 1 and "results=" in one_error_line(r.stderr), r.stderr
+    assert "val_loss" not in r.stdout  # refused before the evaluation ran
