@@ -211,7 +211,7 @@ SFT = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=
 
 @pytest.mark.slow
 def test_sft_resume_is_bitwise(tmp_path, chat_data):
-    from test_resume import assert_resume_is_exact, stop_and_resume
+    from test_run_resume import assert_resume_is_exact, stop_and_resume
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
     run_train(straight, chat_data, max_iters=12, **SFT)
     stop_and_resume(resumed, chat_data, 5, 12, **SFT)
