@@ -29,7 +29,7 @@ from gpt_trainer import checkpoint
 from gpt_trainer.checkpoint import (capture_rng, claim_out_dir, last_saved,
                                     load_resume_point, model_config, restore_rng, resume_training,
                                     save_training_state, save_weights, start_over)
-from gpt_trainer.dataloader import BatchLoader, check_same_tokenizer, data_vocab_size, load_meta, open_dataset
+from gpt_trainer.dataloader import BatchLoader, check_same_tokenizer, data_vocab_size, open_dataset
 from gpt_trainer.evaluation import (TASKS, Interrupted, estimate_loss, eval_tokenizer, format_results, load_tasks,
                                     parse_tasks, score_tasks, split_tasks, token_byte_lengths)
 from gpt_trainer.hf import GPT2_NAMES
@@ -245,7 +245,7 @@ if __name__ == "__main__":
     resume_path = os.path.join(out_dir, checkpoint.SHARDED) if fsdp else ckpt_path
     ckpt, iter_num, best_val_loss, bad_steps = None, 0, 1e9, 0
     if init_from == "scratch":
-        meta_vocab = data_vocab_size(load_meta(data_dir)) if os.path.isdir(data_dir) else None
+        meta_vocab = data_vocab_size(meta)
         model_args = {k: config[k] for k in MODEL_KEYS}
         model_args["vocab_size"] = vocab_size or meta_vocab or 50304
         model = GPT(model_config(model_args, "settings"))
@@ -265,8 +265,7 @@ if __name__ == "__main__":
         model = gpt_from_hf(init_from, dropout=dropout)
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)
-    if init_from not in ("scratch", "resume") and os.path.isdir(data_dir) and model.grow_vocab(
-            data_vocab_size(load_meta(data_dir)) or 0) and master_process:
+    if init_from not in ("scratch", "resume") and model.grow_vocab(data_vocab_size(meta) or 0) and master_process:
         print(f"vocab_size grown to {model.config.vocab_size} for the dataset's chat template's special tokens")
     if block_size != model.config.block_size:
         raise ConfigError(f"block_size={block_size} but the model has block_size {model.config.block_size}")

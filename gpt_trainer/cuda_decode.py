@@ -36,8 +36,8 @@ class GraphDecoder:
     Everything the graph reads lives here: the cache, the position, the input token, and
     under autocast the matrices already cast (autocast's own cast cache dies with its context)."""
 
-    def __init__(self, B, compile=False):
-        self.B, self.compile = B, compile
+    def __init__(self, compile=False):
+        self.compile = compile
         self.k = self.v = self.graph = None
 
     def new_cache(self, cache_cls, n_layer):
@@ -98,5 +98,5 @@ def graph_decoder(model, B, compile=False):
     if key not in decoders:
         if len(decoders) >= 4:  # each holds a KV cache of block_size
             decoders.pop(next(iter(decoders)))
-        decoders[key] = GraphDecoder(B, compile)
+        decoders[key] = GraphDecoder(compile)  # B is fixed by the first capture
     return decoders[key]
