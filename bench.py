@@ -487,7 +487,7 @@ def decode_variants(args):
             raise UserError(f"--decode_kernel={kernel} is not one of {', '.join(cpu_kernels.DECODE_KERNELS)}")
     threads = [int(t) for t in args.decode_threads.split(",")] if args.decode_threads else \
         [cpu_kernels.DECODE_THREADS]
-    return [(cpu_kernels.decode_kernel(k), t) for k in kernels for t in threads]
+    return [(cpu_kernels.decode_kernel(k, cpu_kernels.VENDOR), t) for k in kernels for t in threads]
 
 
 def variant_cases(cases):
@@ -830,7 +830,7 @@ def parse_args(argv):
                    "auto, aten, aten_t, onednn (default: GPT_DECODE_KERNEL or auto); more than one "
                    "adds the KV cache case for each, interleaved, with its ratio to the first")
     p.add_argument("--decode_threads", help="--sample: threads of a decoding step, comma-separated "
-                   "(0 = torch's; default: GPT_DECODE_THREADS or 1); combined with --decode_kernel")
+                   "(0 = torch's; default: GPT_DECODE_THREADS or 0); combined with --decode_kernel")
     p.add_argument("--kernel", help="training: Linear's fp32 CPU matmuls, auto|onednn|aten (sets "
                    "GPT_CPU_KERNEL for train.py); two, comma-separated, compare them A/B")
     p.add_argument("--measure_mb", type=int, default=256, help="size of the copy that measures bandwidth, MiB")

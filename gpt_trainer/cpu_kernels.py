@@ -57,24 +57,28 @@ def linear_kernel(setting, vendor):
     return setting
 
 
-def decode_kernel(setting):
+def decode_kernel(setting, vendor):
     """How a decoding step's matmuls run (x is one row per sample): 'aten' (F.linear on the
-    (out, in) weight), 'aten_t' (x @ a contiguous (in, out) copy of the weight, which MKL's
-    sgemm streams faster than its matrix-vector path on an AMD EPYC) or 'onednn'. 'auto'
-    picks aten_t, vendor-neutral (docs/benchmarks.md has the A/B)."""
+    (out, in) weight), 'aten_t' (x @ a contiguous (in, out) copy of the weight) or 'onednn'.
+    'auto' picks per vendor what was measured fastest on it: oneDNN on an AMD EPYC, whose
+    matrix-vector products stream the weights at twice MKL's rate there with two threads, and
+    aten (MKL's own fast path) on an Intel Xeon (docs/cpu_speed.md has both A/Bs)."""
     if setting == "onednn" and ONEDNN_LINEAR is None:
         raise UserError("GPT_DECODE_KERNEL=onednn but this torch has no oneDNN (torch.ops.mkldnn)")
-    return "aten_t" if setting == "auto" else setting
+    if setting == "auto":
+        return "onednn" if onednn_fp32(vendor) else "aten"
+    return setting
 
 
-ONEDNN_FP32 = linear_kernel(env_choice("GPT_CPU_KERNEL", LINEAR_KERNELS), cpu_vendor()) == "onednn"
+VENDOR = cpu_vendor()
+ONEDNN_FP32 = linear_kernel(env_choice("GPT_CPU_KERNEL", LINEAR_KERNELS), VENDOR) == "onednn"
 # fewer rows (decoding) are matrix-vector products, where aten is faster
 ONEDNN_MIN_ROWS = int(os.environ.get("GPT_ONEDNN_MIN_ROWS", 32))
-DECODE_KERNEL = decode_kernel(env_choice("GPT_DECODE_KERNEL", DECODE_KERNELS))
-# threads of a decoding step; 0 = torch's. One by default: a step is ~100 small ops, and with
-# two OpenMP threads each op's fork and join waits for a core; when another process holds
-# one, a token took 10-30x longer (docs/benchmarks.md)
-DECODE_THREADS = int(os.environ.get("GPT_DECODE_THREADS", 1))
+DECODE_KERNEL = decode_kernel(env_choice("GPT_DECODE_KERNEL", DECODE_KERNELS), VENDOR)
+# threads of a decoding step; 0 = torch's, as every other op. 1 is the choice where other
+# processes keep the cores busy: a step is ~150 small ops, and with two OpenMP threads each
+# parallel op's join waits for a core another process holds (docs/cpu_speed.md)
+DECODE_THREADS = int(os.environ.get("GPT_DECODE_THREADS", 0))
 
 
 def decode_weight(weight, kernel):
@@ -83,15 +87,12 @@ def decode_weight(weight, kernel):
 
 
 def decode_linear(x, weight, bias, kernel):
-    """x @ W.T + b for a decoding step's few rows; weight from decode_weight(W, kernel)."""
-    rows = x.reshape(-1, x.size(-1))
+    """x @ W.T + b for a decoding step's rows x (B, in); weight from decode_weight(W, kernel)."""
     if kernel == "aten_t":
-        y = rows @ weight if bias is None else torch.addmm(bias, rows, weight)
-    elif kernel == "onednn":
-        y = ONEDNN_LINEAR(rows, weight, bias, "none", [], "")
-    else:
-        y = F.linear(rows, weight, bias)
-    return y.view(*x.shape[:-1], y.size(-1))
+        return x @ weight if bias is None else torch.addmm(bias, x, weight)
+    if kernel == "onednn":
+        return ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 @contextmanager
@@ -131,8 +132,15 @@ class OneDNNLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # gy @ W = linear(gy, W.T)
             grad_x = ONEDNN_LINEAR(gy, weight.t(), None, "none", [], "").view(x.shape)
-        if ctx.needs_input_grad[1]:  # gy.T @ x = linear(gy.T, x.T)
-            grad_w = ONEDNN_LINEAR(gy.t(), x.reshape(-1, x.size(-1)).t(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:
+            # oneDNN copies its first operand to contiguous rows when it is a transposed view, so
+            # the smaller of gy.T @ x = linear(gy.T, x.T) and (x.T @ gy).T = linear(x.T, gy.T).T
+            # goes first: a (768, 512) copy costs as much as half the matmul (docs/cpu_speed.md)
+            xt = x.reshape(-1, x.size(-1)).t()
+            if x.size(-1) < gy.size(-1):
+                grad_w = ONEDNN_LINEAR(xt, gy.t(), None, "none", [], "").t().contiguous()
+            else:
+                grad_w = ONEDNN_LINEAR(gy.t(), xt, None, "none", [], "")
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy.sum(0)
         return grad_x, grad_w, grad_b

@@ -33,10 +33,10 @@ class KVCache:
             self.v[layer] = v.new_zeros(B, nkv, size, hs)
         T = k.size(2)
         slot = self.pos % size if self.pos + T > size else self.pos
-        self.k[layer][:, :, slot:slot + T] = k
-        self.v[layer][:, :, slot:slot + T] = v
+        self.k[layer].narrow(2, slot, T).copy_(k)  # narrow: a decode step's few ops add up
+        self.v[layer].narrow(2, slot, T).copy_(v)
         end = min(self.pos + T, size)
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
 
 
 def norm(x, params, name, config):
@@ -75,10 +75,14 @@ def decode_params(model, kernel=None):
     """Per block, its parameters by name ('attn.c_attn.weight', ...) and 'kernel', as decode()
     reads them. On the CPU the kernel is cpu_kernels.DECODE_KERNEL by default; with 'aten_t'
     the matrices are transposed copies, kept on the model until a parameter changes (in place
-    or replaced). Elsewhere it is 'aten': the weights themselves."""
-    if model.lm_head.weight.device.type != "cpu":
+    or replaced). Elsewhere it is 'aten': the weights themselves; so is 'onednn' outside plain
+    fp32 (its op knows neither autocast nor float64)."""
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu":
         kernel = "aten"
     kernel = kernel or cpu_kernels.DECODE_KERNEL
+    if kernel == "onednn" and (weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+        kernel = "aten"
     key = (kernel, [(id(p), p.data_ptr(), p._version) for p in model.parameters()])
     cached = getattr(model, "_decode_params", None)
     if cached is None or cached[0] != key:
@@ -96,7 +100,7 @@ def decode(model, token, cache, params):
     share of its time (bench.py --sample --profile)."""
     cfg, pos, B = model.config, cache.pos, token.size(0)
     nh, nkv, hs = cfg.n_head, cfg.kv_heads, cfg.head_size
-    x = F.embedding(token, model.transformer.wte.weight)  # (B, 1, C)
+    x = F.embedding(token.view(B), model.transformer.wte.weight)  # (B, C): one row per sample
     rope = None
     if cfg.pos_emb == "learned":  # pos: an int, or a (1,) tensor for a CUDA graph's StaticKVCache
         x = x + model.transformer.wpe.weight[pos]
@@ -113,11 +117,11 @@ def decode(model, token, cache, params):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache.update(layer, k, v, cfg.block_size)
         y = attention(q, k, v, cache.mask, False, 0.0, nkv != nh)  # one query sees the whole cache
-        x = x + linear(y.view(B, 1, nh * hs), p, "attn.c_proj")  # (B, nh, 1, hs) as (B, 1, nh*hs)
+        x = x + linear(y.view(B, nh * hs), p, "attn.c_proj")  # (B, nh, 1, hs) as (B, nh*hs)
         h = activate(cfg.mlp, linear(norm(x, p, "ln_2", cfg), p, "mlp.c_fc"))
         x = x + linear(h, p, "mlp.c_proj")
     cache.pos += 1
-    return model.head(x)
+    return model.head(x).unsqueeze(1)
 
 
 @torch.inference_mode()

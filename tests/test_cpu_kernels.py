@@ -76,7 +76,8 @@ def test_linear_follows_onednn_fp32(monkeypatch, onednn):
     assert "OneDNNLinear" not in type(layer(torch.randn(1, 31, 16, requires_grad=True)).grad_fn).__name__  # few rows
 
 
-def test_cpu_linear_matches_aten_with_gradients(monkeypatch):
+@pytest.mark.parametrize("n_in,n_out", [(48, 80), (80, 48)])  # both orders of the weight gradient
+def test_cpu_linear_matches_aten_with_gradients(monkeypatch, n_in, n_out):
     """cpu_kernels.Linear with oneDNN on (as on AMD CPUs) against F.linear: outputs and all
     three gradients."""
     from gpt_trainer import cpu_kernels
@@ -84,8 +85,8 @@ def test_cpu_linear_matches_aten_with_gradients(monkeypatch):
         pytest.skip("this torch has no oneDNN")
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32", True)
     torch.manual_seed(0)
-    layer = cpu_kernels.Linear(48, 80)
-    x = torch.randn(3, 17, 48, requires_grad=True)  # 51 rows: at least ONEDNN_MIN_ROWS
+    layer = cpu_kernels.Linear(n_in, n_out)
+    x = torch.randn(3, 17, n_in, requires_grad=True)  # 51 rows: at least ONEDNN_MIN_ROWS
     x_ref = x.detach().clone().requires_grad_()
     w_ref, b_ref = (p.detach().clone().requires_grad_() for p in (layer.weight, layer.bias))
     y, y_ref = layer(x), torch.nn.functional.linear(x_ref, w_ref, b_ref)
@@ -96,6 +97,7 @@ def test_cpu_linear_matches_aten_with_gradients(monkeypatch):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for got, want in ((x.grad, x_ref.grad), (layer.weight.grad, w_ref.grad), (layer.bias.grad, b_ref.grad)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert layer.weight.grad.is_contiguous()  # as the fused optimizer and DDP's buckets expect
 
 
 @pytest.fixture
@@ -148,7 +150,8 @@ def test_decoding_turns_onednn_off_for_fp32_cpu_steps_only():
 
 
 def test_linear_kernel_choices():
-    """Training Linear's fp32 kernel: 'auto' is oneDNN on AMD only, and either can be forced."""
+    """Training Linear's and decoding's fp32 kernels: 'auto' is oneDNN on AMD only, and any
+    can be forced."""
     from gpt_trainer import cpu_kernels
     from gpt_trainer.errors import UserError
     has = cpu_kernels.ONEDNN_LINEAR is not None
@@ -159,7 +162,10 @@ def test_linear_kernel_choices():
         assert cpu_kernels.linear_kernel("onednn", "GenuineIntel") == "onednn"
     with pytest.raises(UserError, match="GPT_CPU_KERNEL='mkl' is not one of auto, onednn, aten"):
         cpu_kernels.env_choice("GPT_CPU_KERNEL", cpu_kernels.LINEAR_KERNELS, environ={"GPT_CPU_KERNEL": "mkl"})
-    assert cpu_kernels.decode_kernel("auto") in cpu_kernels.DECODE_KERNELS[1:]
+    # decoding: oneDNN on AMD, aten (MKL's own fast path) elsewhere; a named kernel is kept
+    assert cpu_kernels.decode_kernel("auto", "AuthenticAMD") == ("onednn" if has else "aten")
+    assert cpu_kernels.decode_kernel("auto", "GenuineIntel") == "aten"
+    assert cpu_kernels.decode_kernel("aten_t", "AuthenticAMD") == "aten_t"
 
 
 @pytest.mark.slow
@@ -235,3 +241,20 @@ def test_decode_params_follow_the_weights():
     assert again is not first
     assert torch.equal(again[0]["mlp.c_fc.weight"], model.transformer.h[0].mlp.c_fc.weight.t())
     assert decode_params(model, "aten")[0]["mlp.c_fc.weight"] is model.transformer.h[0].mlp.c_fc.weight
+
+
+def test_onednn_decoding_only_in_plain_fp32(monkeypatch):
+    """The oneDNN decode kernel (AMD's default) knows neither autocast nor float64: there a
+    decoding step goes through aten, whose matmuls autocast casts, so sampling in bf16 or in
+    float64 computes what forward() does."""
+    from gpt_trainer import cpu_kernels
+    from gpt_trainer.generate import decode_params
+    from model import GPT, GPTConfig
+    if cpu_kernels.ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(cpu_kernels, "DECODE_KERNEL", "onednn")
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    assert decode_params(model)[0]["kernel"] == "onednn"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert decode_params(model)[0]["kernel"] == "aten"
+    assert decode_params(model.double())[0]["kernel"] == "aten"
