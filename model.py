@@ -299,11 +299,12 @@ class GPT(nn.Module):
 
     def head(self, x):
         """Logits (B, T, vocab_size) from the last block's output."""
-        logits = self.lm_head(self.transformer.ln_f(x))
-        if self.config.logit_softcap:
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
-        return logits
+        return self.softcap(self.lm_head(self.transformer.ln_f(x)))
+
+    def softcap(self, logits):
+        """logits -> c * tanh(logits / c) with c = config.logit_softcap (Gemma 2); 0 = off."""
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def rope_at(self, pos, T):
         """cos and sin for positions pos..pos+T-1, the tables extended past block_size on demand."""

@@ -67,8 +67,9 @@ class GraphDecoder:
         autocast = torch.is_autocast_enabled("cuda")
         if autocast:
             dtype = torch.get_autocast_dtype("cuda")
-            self.params = [{k: p.to(dtype) if torch.is_tensor(p) and p.dim() == 2 else p for k, p in block.items()}
-                           for block in self.params]
+            cast = lambda part: {k: p.to(dtype) if torch.is_tensor(p) and p.dim() == 2 else p  # noqa: E731
+                                 for k, p in part.items()}
+            self.params = {"blocks": [cast(block) for block in params["blocks"]], "head": cast(params["head"])}
         fn = torch.compile(decode_fn, dynamic=False) if self.compile else decode_fn
         decode = lambda token, cache, params: fn(model, token, cache, params)  # noqa: E731
         with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False):

@@ -72,11 +72,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 def decode_params(model, kernel=None):
-    """Per block, its parameters by name ('attn.c_attn.weight', ...) and 'kernel', as decode()
-    reads them. On the CPU the kernel is cpu_kernels.DECODE_KERNEL by default; with 'aten_t'
-    the matrices are transposed copies, kept on the model until a parameter changes (in place
-    or replaced). Elsewhere it is 'aten': the weights themselves; so is 'onednn' outside plain
-    fp32 (its op knows neither autocast nor float64)."""
+    """What decode() reads: {'blocks': per block, its parameters by name ('attn.c_attn.weight',
+    ...) and 'kernel'; 'head': the final norm's and lm_head's, the same way}. On the CPU the
+    kernel is cpu_kernels.DECODE_KERNEL by default; with 'aten_t' the matrices are transposed
+    copies, kept on the model until a parameter changes (in place or replaced). Elsewhere it
+    is 'aten': the weights themselves; so is 'onednn' outside plain fp32 (its op knows
+    neither autocast nor float64). A CUDA graph casts these matrices once (cuda_decode)."""
     weight = model.lm_head.weight
     if weight.device.type != "cpu":
         kernel = "aten"
@@ -86,9 +87,12 @@ def decode_params(model, kernel=None):
     key = (kernel, [(id(p), p.data_ptr(), p._version) for p in model.parameters()])
     cached = getattr(model, "_decode_params", None)
     if cached is None or cached[0] != key:
+        prepare = lambda named: {**{n: decode_weight(p, kernel) if p.dim() == 2 else p  # noqa: E731
+                                    for n, p in named}, "kernel": kernel}
         with torch.no_grad():
-            prepared = [{**{n: decode_weight(p, kernel) if p.dim() == 2 else p for n, p in block.named_parameters()},
-                         "kernel": kernel} for block in model.transformer.h]
+            head = [("ln_f." + n, p) for n, p in model.transformer.ln_f.named_parameters()]
+            prepared = {"blocks": [prepare(block.named_parameters()) for block in model.transformer.h],
+                        "head": prepare(head + [("lm_head.weight", weight)])}
         model._decode_params = cached = (key, prepared)
     return cached[1]
 
@@ -108,7 +112,7 @@ def decode(model, token, cache, params):
         rope = model.rope_at(pos, 1)
     else:
         rope = model.rope_cos[pos], model.rope_sin[pos]
-    for layer, p in enumerate(params):
+    for layer, p in enumerate(params["blocks"]):
         qkv = linear(norm(x, p, "ln_1", cfg), p, "attn.c_attn").view(B, nh + 2 * nkv, 1, hs)
         q, k, v = qkv.split([nh, nkv, nkv], dim=1)  # (B, nh|nkv, 1, hs)
         if cfg.qk_norm:
@@ -121,7 +125,9 @@ def decode(model, token, cache, params):
         h = activate(cfg.mlp, linear(norm(x, p, "ln_2", cfg), p, "mlp.c_fc"))
         x = x + linear(h, p, "mlp.c_proj")
     cache.pos += 1
-    return model.head(x).unsqueeze(1)
+    # model.head's computation over params: a CUDA graph's cast lm_head, not one cast per step
+    logits = linear(norm(x, params["head"], "ln_f", cfg), params["head"], "lm_head")
+    return model.softcap(logits).unsqueeze(1)  # (B, 1, V)
 
 
 @torch.inference_mode()

@@ -133,13 +133,27 @@ def test_dropout_attention_gradients_and_masks(small_slices):
     assert abs(y[:, :, 16:].mean().item() - 1.0) < 0.02
 
 
-def test_decoding_turns_onednn_off_for_fp32_cpu_steps_only():
+def watch_logits(monkeypatch, model, probe):
+    """probe()'s value at every logits computation of a generation: the prefill's (the lm_head
+    module) and each decoding step's (generate.linear over the head's parameters)."""
+    from gpt_trainer import generate
+    seen, linear = [], generate.linear
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(probe()))
+
+    def watched(x, params, name):
+        if name == "lm_head":
+            seen.append(probe())
+        return linear(x, params, name)
+    monkeypatch.setattr(generate, "linear", watched)
+    return seen
+
+
+def test_decoding_turns_onednn_off_for_fp32_cpu_steps_only(monkeypatch):
     from gpt_trainer.cpu_kernels import decoding
     from gpt_trainer.generate import generate
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
-    seen = []
-    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.mkldnn.enabled))
+    seen = watch_logits(monkeypatch, model, lambda: torch.backends.mkldnn.enabled)
     generate(model, torch.zeros(1, 1, dtype=torch.long), 3)
     assert seen == [False] * 3 and torch.backends.mkldnn.enabled  # restored after each step
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls need oneDNN
@@ -212,14 +226,13 @@ def test_decode_kernels_equal_full_recomputation(monkeypatch, kernel, threads):
     for cache in caches:
         model(idx[:, :5], kv_cache=cache)
     params = decode_params(model)
-    assert params[0]["kernel"] == kernel
-    shape = params[0]["attn.c_attn.weight"].shape
+    assert params["blocks"][0]["kernel"] == kernel
+    shape = params["blocks"][0]["attn.c_attn.weight"].shape
     assert shape == ((64, 192) if kernel == "aten_t" else (192, 64))  # (in, out) copies for aten_t
     for t in range(5, 12):
         want, _ = model(idx[:, t:t + 1], kv_cache=caches[0])
         torch.testing.assert_close(decode(model, idx[:, t:t + 1], caches[1], params), want, rtol=1e-5, atol=1e-5)
-    seen = []
-    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    seen = watch_logits(monkeypatch, model, torch.get_num_threads)
     before = torch.get_num_threads()
     cached = generate(model, idx[:, :3], 20, temperature=0)
     assert seen == [before] + [threads] * 19 and torch.get_num_threads() == before  # the prefill keeps torch's
@@ -239,8 +252,8 @@ def test_decode_params_follow_the_weights():
         model.transformer.h[0].mlp.c_fc.weight.mul_(2)  # as an optimizer step does, in place
     again = decode_params(model, "aten_t")
     assert again is not first
-    assert torch.equal(again[0]["mlp.c_fc.weight"], model.transformer.h[0].mlp.c_fc.weight.t())
-    assert decode_params(model, "aten")[0]["mlp.c_fc.weight"] is model.transformer.h[0].mlp.c_fc.weight
+    assert torch.equal(again["blocks"][0]["mlp.c_fc.weight"], model.transformer.h[0].mlp.c_fc.weight.t())
+    assert decode_params(model, "aten")["blocks"][0]["mlp.c_fc.weight"] is model.transformer.h[0].mlp.c_fc.weight
 
 
 def test_onednn_decoding_only_in_plain_fp32(monkeypatch):
@@ -254,7 +267,7 @@ def test_onednn_decoding_only_in_plain_fp32(monkeypatch):
         pytest.skip("this torch has no oneDNN")
     monkeypatch.setattr(cpu_kernels, "DECODE_KERNEL", "onednn")
     model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
-    assert decode_params(model)[0]["kernel"] == "onednn"
+    assert decode_params(model)["blocks"][0]["kernel"] == "onednn"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert decode_params(model)[0]["kernel"] == "aten"
-    assert decode_params(model.double())[0]["kernel"] == "aten"
+        assert decode_params(model)["blocks"][0]["kernel"] == "aten"
+    assert decode_params(model.double())["blocks"][0]["kernel"] == "aten"
