@@ -350,6 +350,14 @@ if __name__ == "__main__":
         if master_process:
             print(f"saved {resume_path} at iter {it}; resume with --init_from=resume")
 
+    # the loss an evaluation reports: of every target, or of the assistant's tokens (chat data)
+    if masks is None:
+        evaluate_loss = partial(estimate_loss, eval_model, splits, block_size, batch_size, eval_iters, ctx,
+                                device, rank, world_size, token_bytes, stop.any_rank)
+    else:
+        evaluate_loss = partial(estimate_masked_loss, eval_model, splits, masks, block_size, batch_size,
+                                eval_iters, ctx, device, rank, world_size, stop.any_rank)
+
     finite_flags = []  # one per step since the host last counted skipped updates
     t0 = time.perf_counter()
     while True:
@@ -361,10 +369,7 @@ if __name__ == "__main__":
                                      or iter_num == max_iters or eval_only)
         if eval_due or tasks_due:
             try:  # a stop signal is heard between batches: a long eval never outlasts a grace period
-                results = ({} if not eval_due else estimate_loss(
-                    eval_model, splits, block_size, batch_size, eval_iters, ctx, device, rank, world_size,
-                    token_bytes, stop.any_rank) if masks is None else estimate_masked_loss(
-                    eval_model, splits, masks, block_size, batch_size, eval_iters, ctx, device, rank, world_size))
+                results = evaluate_loss() if eval_due else {}
                 if tasks_due:
                     results.update(score_tasks(tasks, eval_model, batch_size, ctx, device, rank, world_size,
                                                stop.any_rank))

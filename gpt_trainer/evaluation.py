@@ -29,7 +29,7 @@ class Interrupted(Exception):
     dropped, and the caller saves what it has within seconds rather than after the whole eval."""
 
 
-def _check_stop(should_stop):
+def check_stop(should_stop):
     # every rank calls should_stop at the same batches (the loops are padded to the same
     # length), so under torchrun it may be a collective
     if should_stop is not None and should_stop():
@@ -123,7 +123,7 @@ def _estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, devic
         sums = torch.zeros(eval_iters, 3, dtype=sum_dtype(device), device=device)  # nats, text nats, bytes
         padded = -(-eval_iters // world_size) * world_size  # FSDP: every rank runs every forward
         for k in range(rank, padded, world_size):
-            _check_stop(should_stop)
+            check_stop(should_stop)
             x, y = get_batch(data, block_size, batch_size, EVAL_SEED, k % eval_iters, 0)
             if torch.device(device).type == "cuda":  # page-locked: the copy does not wait for the GPU
                 x, y = x.pin_memory(), y.pin_memory()
@@ -188,7 +188,7 @@ def _ending_losses(model, rows, batch_size, ctx, device, rank, world_size, shoul
     num_batches = -(-len(rows) // batch_size)
     padded = -(-num_batches // world_size) * world_size  # FSDP: every rank runs every forward
     for b in range(rank, padded, world_size):
-        _check_stop(should_stop)
+        check_stop(should_stop)
         start = b % num_batches * batch_size
         batch = rows[start:start + batch_size]
         T = max(len(ids) for ids, _ in batch) - 1
@@ -339,7 +339,7 @@ def score_tasks(tasks, model, batch_size, ctx, device, rank=0, world_size=1, sho
             from gpt_trainer.harness import score_harness
             # one process only: the harness's ranks run different numbers of batches, and
             # should_stop may be a collective (then a signal is heard once the tasks are scored)
-            check = (lambda: _check_stop(should_stop)) if world_size == 1 else None
+            check = (lambda: check_stop(should_stop)) if world_size == 1 else None
             out.update(score_harness(encoded.loaded, model, encoded.tok, batch_size, ctx, encoded.max_examples,
                                      check=check))
             continue

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 from gpt_trainer.dataloader import BatchLoader, TokenFile, random_starts, read_windows
 from gpt_trainer.errors import DataError
-
-EVAL_SEED = 0  # evaluation.EVAL_SEED (not imported: evaluation pulls in the lm-eval harness); the same windows
+from gpt_trainer.evaluation import EVAL_SEED, check_stop, sum_dtype  # the same windows as estimate_loss
 
 
 def open_masks(data_dir, meta, splits):
@@ -96,27 +95,30 @@ def sft_loss(model, x, y, scale):
 
 @torch.no_grad()
 def estimate_masked_loss(model, splits, masks, block_size, batch_size, eval_iters, ctx, device, rank=0,
-                         world_size=1):
+                         world_size=1, should_stop=None):
     """{'<split>_loss'}: nats per assistant token over the same eval_iters random windows of each
-    split every time (evaluate.estimate_loss's windows). Batch k runs on rank k % world_size."""
+    split every time (evaluate.estimate_loss's windows). Batch k runs on rank k % world_size.
+    should_stop() is asked before every batch, as estimate_loss does (Interrupted)."""
     out, was_training = {}, model.training
     model.eval()
-    for split, data in splits.items():
-        sums = torch.zeros(eval_iters, 2, dtype=torch.float32 if str(device).startswith("mps") else torch.float64,
-                           device=device)  # nats, targets
-        padded = -(-eval_iters // world_size) * world_size
-        for k in range(rank, padded, world_size):
-            starts = random_starts(len(data), block_size, batch_size, EVAL_SEED, k % eval_iters, 0)
-            x, y = read_windows(data, starts, block_size)
-            y = masked_targets(y, read_masks(masks[split], starts, block_size))
-            with ctx:
-                nats = loss_sum(model, x.to(device), y.to(device))
-            if k < eval_iters:
-                sums[k] = torch.stack([nats.to(sums.dtype), (y >= 0).sum().to(sums.dtype)])
-        if world_size > 1:
-            dist.all_reduce(sums)
-        nats, count = sums.cpu().sum(0).tolist()
-        out[f"{split}_loss"] = nats / count if count else math.nan
-    model.train(was_training)
+    try:
+        for split, data in splits.items():
+            sums = torch.zeros(eval_iters, 2, dtype=sum_dtype(device), device=device)  # nats, targets
+            padded = -(-eval_iters // world_size) * world_size
+            for k in range(rank, padded, world_size):
+                check_stop(should_stop)
+                starts = random_starts(len(data), block_size, batch_size, EVAL_SEED, k % eval_iters, 0)
+                x, y = read_windows(data, starts, block_size)
+                y = masked_targets(y, read_masks(masks[split], starts, block_size))
+                with ctx:
+                    nats = loss_sum(model, x.to(device), y.to(device))
+                if k < eval_iters:
+                    sums[k] = torch.stack([nats.to(sums.dtype), (y >= 0).sum().to(sums.dtype)])
+            if world_size > 1:
+                dist.all_reduce(sums)
+            nats, count = sums.cpu().sum(0).tolist()
+            out[f"{split}_loss"] = nats / count if count else math.nan
+    finally:
+        model.train(was_training)
     return out
 

@@ -183,6 +183,29 @@ def chat_data(tmp_path_factory):
     return str(tmp / "d")
 
 
+def test_masked_eval_repeats_its_windows_and_stops_on_a_signal(chat_data):
+    """estimate_masked_loss: the same windows every call (so evals compare); a stop signal
+    between batches raises Interrupted (train.py then saves within seconds, as in a
+    plain-text eval) and leaves the model in the mode it was in."""
+    from contextlib import nullcontext
+    from gpt_trainer.dataloader import open_dataset
+    from gpt_trainer.evaluation import Interrupted
+    from gpt_trainer.sft import estimate_masked_loss
+    from model import GPT, GPTConfig
+    splits, meta = open_dataset(chat_data, 16)
+    masks = open_masks(chat_data, meta, splits)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=meta["chat"]["vocab_size"], n_layer=1, n_head=2, n_embd=16))
+    args = (model, splits, masks, 16, 4, 3, nullcontext(), "cpu")
+    first = estimate_masked_loss(*args)
+    assert set(first) == {"train_loss", "val_loss"} and first == estimate_masked_loss(*args)
+    assert model.training
+    asked = []
+    with pytest.raises(Interrupted):
+        estimate_masked_loss(*args, should_stop=lambda: asked.append(1) or len(asked) == 2)
+    assert len(asked) == 2 and model.training
+
+
 def test_loss_scale_is_the_mean_over_the_steps_targets(chat_data):
     from gpt_trainer.dataloader import open_dataset
     from model import GPT, GPTConfig
@@ -410,8 +433,3 @@ def test_sft_loss_is_world_size_invariant(tmp_path, chat_data):
     np.testing.assert_allclose([a[i] for i in range(6)], [b[i] for i in range(6)], rtol=1e-5)
     for k, t in load_ckpt(one)["model"].items():
         torch.testing.assert_close(t, load_ckpt(two)["model"][k], atol=1e-5, rtol=1e-4)
-
-
-def test_masked_eval_windows_are_evaluations():
-    from gpt_trainer import evaluation, sft
-    assert sft.EVAL_SEED == evaluation.EVAL_SEED
