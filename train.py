@@ -30,8 +30,9 @@ from gpt_trainer.checkpoint import (capture_rng, claim_out_dir, last_saved,
                                     load_resume_point, model_config, restore_rng, resume_training,
                                     save_training_state, save_weights, start_over)
 from gpt_trainer.dataloader import BatchLoader, check_same_tokenizer, data_vocab_size, open_dataset
-from gpt_trainer.evaluation import (TASKS, Interrupted, estimate_loss, eval_tokenizer, format_results, load_tasks,
-                                    parse_tasks, score_tasks, split_tasks, token_byte_lengths)
+from gpt_trainer.evaluation import (TASKS, Interrupted, estimate_loss, estimate_masked_loss, eval_tokenizer,
+                                    format_results, load_tasks, parse_tasks, score_tasks, split_tasks,
+                                    token_byte_lengths)
 from gpt_trainer.hf import GPT2_NAMES
 from gpt_trainer.loading import build_any_model
 from gpt_trainer.lora import TARGETS as LORA_TARGETS, add_lora, base_fingerprint
@@ -41,7 +42,7 @@ from gpt_trainer.optim import clip_gradients, configure_optimizers, get_lr, step
 from gpt_trainer.resume_config import resume_settings, saved_run
 from gpt_trainer.runtime import (StopSignal, derive_grad_accum, keep_freed_memory, peak_flops, peak_gpu_memory_mb,
                                  report_dead_ranks, set_grad_sync, setup, shard_model, teardown, try_compile)
-from gpt_trainer.sft import ChatBatchLoader, estimate_masked_loss, open_masks, sft_loss
+from gpt_trainer.sft import ChatBatchLoader, open_masks, sft_loss
 from model import GPT, GPTConfig, RECOMPUTE
 
 # -----------------------------------------------------------------------------

@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from gpt_trainer.dataloader import get_batch
+from gpt_trainer.dataloader import get_batch, random_starts, read_windows
 from gpt_trainer.errors import ConfigError, DataError
 from gpt_trainer.fsutil import download
+from gpt_trainer.sft import loss_sum, masked_targets, read_masks
 from gpt_trainer.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, tokenizer_from_meta
 
 EVAL_SEED = 0  # eval windows do not depend on the run's seed, so runs with different seeds compare
@@ -141,6 +142,36 @@ def _estimate_loss(model, splits, block_size, batch_size, eval_iters, ctx, devic
         out[f"{split}_loss"] = nats / (eval_iters * batch_size * block_size)
         if token_bytes is not None:
             out[f"{split}_bpb"] = text_nats / nbytes / math.log(2) if nbytes else float("nan")
+    return out
+
+
+@torch.no_grad()
+def estimate_masked_loss(model, splits, masks, block_size, batch_size, eval_iters, ctx, device, rank=0,
+                         world_size=1, should_stop=None):
+    """{'<split>_loss'}: nats per assistant token over the same eval_iters random windows of each
+    split every time (estimate_loss's windows). Batch k runs on rank k % world_size.
+    should_stop() is asked before every batch, as estimate_loss does (Interrupted)."""
+    out, was_training = {}, model.training
+    model.eval()
+    try:
+        for split, data in splits.items():
+            sums = torch.zeros(eval_iters, 2, dtype=sum_dtype(device), device=device)  # nats, targets
+            padded = -(-eval_iters // world_size) * world_size
+            for k in range(rank, padded, world_size):
+                check_stop(should_stop)
+                starts = random_starts(len(data), block_size, batch_size, EVAL_SEED, k % eval_iters, 0)
+                x, y = read_windows(data, starts, block_size)
+                y = masked_targets(y, read_masks(masks[split], starts, block_size))
+                with ctx:
+                    nats = loss_sum(model, x.to(device), y.to(device))
+                if k < eval_iters:
+                    sums[k] = torch.stack([nats.to(sums.dtype), (y >= 0).sum().to(sums.dtype)])
+            if world_size > 1:
+                dist.all_reduce(sums)
+            nats, count = sums.cpu().sum(0).tolist()
+            out[f"{split}_loss"] = nats / count if count else math.nan
+    finally:
+        model.train(was_training)
     return out
 
 

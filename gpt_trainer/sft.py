@@ -13,17 +13,14 @@ from the mask files (the windows are a pure function of (seed, step, micro-batch
 collective is needed, and a micro-batch with few targets weighs in by its tokens, not as a
 whole micro-batch: the step's gradient is the same whatever the world size or accumulation.
 """
-import math
 import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from gpt_trainer.dataloader import BatchLoader, TokenFile, random_starts, read_windows
+from gpt_trainer.dataloader import BatchLoader, TokenFile, read_windows
 from gpt_trainer.errors import DataError
-from gpt_trainer.evaluation import EVAL_SEED, check_stop, sum_dtype  # the same windows as estimate_loss
 
 
 def open_masks(data_dir, meta, splits):
@@ -91,34 +88,3 @@ def sft_loss(model, x, y, scale):
     """The micro-batch's loss as train.py's loop expects it (it divides by the micro-batches of
     the step): the summed target loss x micro-batches per step / the step's target tokens."""
     return loss_sum(model, x, y) * scale
-
-
-@torch.no_grad()
-def estimate_masked_loss(model, splits, masks, block_size, batch_size, eval_iters, ctx, device, rank=0,
-                         world_size=1, should_stop=None):
-    """{'<split>_loss'}: nats per assistant token over the same eval_iters random windows of each
-    split every time (evaluate.estimate_loss's windows). Batch k runs on rank k % world_size.
-    should_stop() is asked before every batch, as estimate_loss does (Interrupted)."""
-    out, was_training = {}, model.training
-    model.eval()
-    try:
-        for split, data in splits.items():
-            sums = torch.zeros(eval_iters, 2, dtype=sum_dtype(device), device=device)  # nats, targets
-            padded = -(-eval_iters // world_size) * world_size
-            for k in range(rank, padded, world_size):
-                check_stop(should_stop)
-                starts = random_starts(len(data), block_size, batch_size, EVAL_SEED, k % eval_iters, 0)
-                x, y = read_windows(data, starts, block_size)
-                y = masked_targets(y, read_masks(masks[split], starts, block_size))
-                with ctx:
-                    nats = loss_sum(model, x.to(device), y.to(device))
-                if k < eval_iters:
-                    sums[k] = torch.stack([nats.to(sums.dtype), (y >= 0).sum().to(sums.dtype)])
-            if world_size > 1:
-                dist.all_reduce(sums)
-            nats, count = sums.cpu().sum(0).tolist()
-            out[f"{split}_loss"] = nats / count if count else math.nan
-    finally:
-        model.train(was_training)
-    return out
-

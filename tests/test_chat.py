@@ -190,7 +190,7 @@ def test_masked_eval_repeats_its_windows_and_stops_on_a_signal(chat_data):
     from contextlib import nullcontext
     from gpt_trainer.dataloader import open_dataset
     from gpt_trainer.evaluation import Interrupted
-    from gpt_trainer.sft import estimate_masked_loss
+    from gpt_trainer.evaluation import estimate_masked_loss
     from model import GPT, GPTConfig
     splits, meta = open_dataset(chat_data, 16)
     masks = open_masks(chat_data, meta, splits)
