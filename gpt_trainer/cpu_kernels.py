@@ -72,7 +72,8 @@ def decode_kernel(setting, vendor):
 
 VENDOR = cpu_vendor()
 ONEDNN_FP32 = linear_kernel(env_choice("GPT_CPU_KERNEL", LINEAR_KERNELS), VENDOR) == "onednn"
-# fewer rows (decoding) are matrix-vector products, where aten is faster
+# below this many rows (a short prompt's prefill, forward() of one token) Linear stays on aten;
+# decoding steps choose their own kernel (DECODE_KERNEL)
 ONEDNN_MIN_ROWS = int(os.environ.get("GPT_ONEDNN_MIN_ROWS", 32))
 DECODE_KERNEL = decode_kernel(env_choice("GPT_DECODE_KERNEL", DECODE_KERNELS), VENDOR)
 # threads of a decoding step; 0 = torch's, as every other op. 1 is the choice where other
