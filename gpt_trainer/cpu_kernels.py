@@ -91,9 +91,9 @@ def decode_linear(x, weight, bias, kernel):
     """x @ W.T + b for a decoding step's rows x (B, in); weight from decode_weight(W, kernel)."""
     if kernel == "aten_t":
         return x @ weight if bias is None else torch.addmm(bias, x, weight)
-    if kernel == "onednn":
+    if kernel == "onednn" and not torch.compiler.is_compiling():  # inductor lowers F.linear itself
         return ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    return F.linear(x, weight, bias)  # 'onednn' keeps the (out, in) weight: the same call
 
 
 @contextmanager
