@@ -13,12 +13,14 @@ chunks in flight, so memory stays flat), with tqdm progress on stderr for every 
 takes more than a second: redrawn in place on a terminal, a line at a time in a log file
 (every second at first, then less often).
 """
+import argparse
 import collections
 import contextlib
 import itertools
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -132,6 +134,44 @@ def _worker_signals():
 
 # ----------------------------------------------------------------------------------------
 # files of a data dir: written as .partial, committed together
+
+
+def prepare_arguments(description, ext, out_dir):
+    """The options data/text/prepare.py and data/chat/prepare.py share: inputs (as --input=a b c
+    or positional), extensions, encoding, out_dir, the val split, seed, errors, hf_split.
+    argparse, not configurator's settings: inputs are many paths, and there are flags."""
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="*", help=argparse.SUPPRESS)  # --input=a b c
+    p.add_argument("--input", nargs="+", action="extend", default=[])
+    p.add_argument("--ext", default=ext)
+    p.add_argument("--encoding", default="gpt2")
+    p.add_argument("--out_dir", default=out_dir)
+    p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--errors", choices=("strict", "skip", "replace"), default="strict")
+    p.add_argument("--hf_split", default="train")
+    return p
+
+
+def check_prepare_arguments(args, inputs):
+    """What prepare_arguments' options must hold, checked before any input is read (one
+    DataError line each); sets input, ext (a list), bpe_vocab for bpe:N, replace and skip."""
+    args.input += args.paths
+    if not args.input:
+        raise DataError(f"no input: pass --input=PATH ({inputs}, directories or a dataset)")
+    if not 0 < args.val_fraction < 1:
+        raise DataError(f"--val_fraction={args.val_fraction} must be between 0 and 1")
+    if args.encoding.startswith("bpe:"):
+        try:
+            args.bpe_vocab = int(args.encoding[4:])
+        except ValueError:
+            raise DataError(f"--encoding={args.encoding}: expected bpe:N with N an integer")
+        if args.bpe_vocab < 257:
+            raise DataError(f"--encoding={args.encoding}: too small, it needs 256 byte tokens "
+                            f"plus <|endoftext|>; use bpe:N with N >= 257")
+    args.ext = [e.strip().lower() for e in re.split(r"[,\s]+", args.ext) if e.strip()]
+    args.replace, args.skip = args.errors == "replace", args.errors == "skip"
+    return args
 
 
 def lock_data_dir(out_dir):

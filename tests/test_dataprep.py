@@ -659,3 +659,20 @@ def test_prepare_1gb_bounded_memory(tmp_path):
         assert os.path.getsize(out / "train.bin") == 2 * meta["train_tokens"]
     finally:
         shutil.rmtree(tmp_path)  # pytest keeps old tmp dirs; don't leave 3 GB behind
+
+
+@pytest.mark.parametrize("script", ["data/text/prepare.py", "data/chat/prepare.py"])
+def test_prepare_scripts_share_their_argument_checks(script):
+    """Both prepare scripts check the shared options the same way, before reading any input:
+    bpe:N below 257 (the byte tokens and <|endoftext|>) is one DataError line in each."""
+    import importlib.util
+    from gpt_trainer.errors import DataError
+    spec = importlib.util.spec_from_file_location("prepare_under_test", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(DataError, match=r"--encoding=bpe:100: too small"):
+        module.parse_args(["--input=missing.jsonl", "--encoding=bpe:100"])
+    with pytest.raises(DataError, match=r"--val_fraction=1.0 must be between 0 and 1"):
+        module.parse_args(["--input=missing.jsonl", "--val_fraction=1.0"])
+    args = module.parse_args(["a.jsonl", "--input=b", "--encoding=bpe:300", "--ext=JSONL, txt"])
+    assert args.input == ["b", "a.jsonl"] and args.bpe_vocab == 300 and args.ext == ["jsonl", "txt"]

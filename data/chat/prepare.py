@@ -25,9 +25,7 @@ Like every prepare, the files are written as .partial and committed together wit
 last (dataprep.py); meta.json records the template under 'chat' and the tokenizer's
 fingerprint. Records are read twice (a scan, then the encoding), one at a time.
 """
-import argparse
 import os
-import re
 import shutil
 import sys
 
@@ -36,12 +34,12 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from gpt_trainer.chat_data import conversations  # noqa: E402
 from gpt_trainer.chat_template import DefaultChat, HFChat, hf_tokenizer_from_dir  # noqa: E402
-from configurator import ArgumentParser, install_error_hook  # noqa: E402
+from configurator import install_error_hook  # noqa: E402
 from gpt_trainer.corpus import REPLACED, BadRecord, find_inputs, report_problems  # noqa: E402
 from gpt_trainer.dataloader import dtype_for_vocab
 from gpt_trainer.errors import DataError  # noqa: E402
-from gpt_trainer.dataprep import (TokenWriter, commit_data_dir, dataset_meta, discard_partials, interruptible,  # noqa: E402
-                      partial_path, report)
+from gpt_trainer.dataprep import (TokenWriter, check_prepare_arguments, commit_data_dir, dataset_meta,  # noqa: E402
+                                  discard_partials, interruptible, partial_path, prepare_arguments, report)
 from gpt_trainer.tokenizer import CharTokenizer, HFTokenizer, get_tokenizer, train_bpe  # noqa: E402
 
 MASKS = ("train_mask.bin", "val_mask.bin")
@@ -150,31 +148,10 @@ def prepare(args):
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
-    p.add_argument("--input", nargs="+", action="extend", default=[])
-    p.add_argument("--ext", default="jsonl,json,parquet")
-    p.add_argument("--encoding", default="gpt2")
-    p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
-    p.add_argument("--val_fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--errors", choices=("strict", "skip", "replace"), default="strict")
-    p.add_argument("--hf_split", default="train")
-    args = p.parse_args(argv)
-    args.input += args.paths
-    if not args.input:
-        raise DataError("no input: pass --input=PATH (conversation files, directories or a dataset)")
-    if not 0 < args.val_fraction < 1:
-        raise DataError(f"--val_fraction={args.val_fraction} must be between 0 and 1")
-    if args.encoding.startswith("bpe:"):
-        try:
-            args.bpe_vocab = int(args.encoding[4:])
-        except ValueError:
-            raise DataError(f"--encoding={args.encoding}: expected bpe:N with N an integer")
-    elif args.encoding != "char" and not args.encoding.startswith("hf:"):
+    p = prepare_arguments(__doc__, "jsonl,json,parquet", os.path.dirname(os.path.abspath(__file__)))
+    args = check_prepare_arguments(p.parse_args(argv), "conversation files")
+    if not args.encoding.startswith(("bpe:", "hf:")) and args.encoding != "char":
         get_tokenizer(args.encoding)  # an unknown encoding fails before the inputs are read
-    args.ext = [e.strip().lower() for e in re.split(r"[,\s]+", args.ext) if e.strip()]
-    args.replace, args.skip = args.errors == "replace", args.errors == "skip"
     return args
 
 

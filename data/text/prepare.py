@@ -49,20 +49,18 @@ documents, finding bad ones), for char one that collects the characters and for 
 trains it, then the encoding pass through a pool of processes. meta.json records the inputs
 (path, size, mtime), the document counts and the options. The readers are corpus.py's.
 """
-import argparse
 import os
-import re
 import shutil
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from configurator import ArgumentParser, install_error_hook  # noqa: E402
+from configurator import install_error_hook  # noqa: E402
 from gpt_trainer.corpus import BadRecord, find_inputs, scan_inputs  # noqa: E402
-from gpt_trainer.dataprep import (PROGRESS, ResumeState, check_writable, collect_chars,  # noqa: E402
-                                  discard_partials, fit_bpe, group_chunks, interruptible, lock_data_dir,
-                                  partial_path, write_stream)
+from gpt_trainer.dataprep import (PROGRESS, ResumeState, check_prepare_arguments, check_writable,  # noqa: E402
+                                  collect_chars, discard_partials, fit_bpe, group_chunks, interruptible,
+                                  lock_data_dir, partial_path, prepare_arguments, write_stream)
 from gpt_trainer.dirlock import is_locked, unlock_dir  # noqa: E402
 from gpt_trainer.errors import DataError  # noqa: E402
 from gpt_trainer.tokenizer import BPETokenizer, CharTokenizer, get_tokenizer  # noqa: E402
@@ -224,42 +222,17 @@ def prepare(args):
         raise
 
 
-# argparse, not configurator's settings: inputs are many paths (--input=a b c) and --resume is a flag
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="*", help=argparse.SUPPRESS)  # --input=a b c
-    p.add_argument("--input", nargs="+", action="extend", default=[])
-    p.add_argument("--ext", default="txt,jsonl")
-    p.add_argument("--encoding", default="gpt2")
-    p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
-    p.add_argument("--val_fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=1337)
+    p = prepare_arguments(__doc__, "txt,jsonl", os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--text_field", default="text")
-    p.add_argument("--errors", choices=("strict", "skip", "replace"), default="strict")
-    p.add_argument("--hf_split", default="train")
     p.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--resume", action="store_true")
-    args = p.parse_args(argv)
-    args.input += args.paths
-    if not args.input:
-        raise DataError("no input: pass --input=PATH (files, directories or a dataset)")
-    if not 0 < args.val_fraction < 1:
-        raise DataError(f"--val_fraction={args.val_fraction} must be between 0 and 1")
+    args = check_prepare_arguments(p.parse_args(argv), "files")
     if args.num_proc < 1:
         raise DataError(f"--num_proc={args.num_proc} must be at least 1")
-    if args.encoding.startswith("bpe:"):  # checked before the inputs are read
-        try:
-            args.bpe_vocab = int(args.encoding[4:])
-        except ValueError:
-            raise DataError(f"--encoding={args.encoding}: expected bpe:N with N an integer")
-        if args.bpe_vocab < 257:
-            raise DataError(f"--encoding={args.encoding}: too small, it needs 256 byte tokens "
-                            f"plus <|endoftext|>; use bpe:N with N >= 257")
-    elif args.encoding != "char":
+    if not args.encoding.startswith("bpe:") and args.encoding != "char":
         args.tiktoken = get_tokenizer(args.encoding)
-    args.ext = [e.strip().lower() for e in re.split(r"[,\s]+", args.ext) if e.strip()]
     args.path = args.text_field.split(".")
-    args.replace, args.skip = args.errors == "replace", args.errors == "skip"
     args.chunk_bytes = CHUNK_BYTES
     return args
 
