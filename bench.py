@@ -42,6 +42,7 @@ vocabulary, ~0.44B parameters) written to --lora_dir with a chat dataset, block 
 Every mode prints a table; --json PATH also writes the numbers.
 """
 import argparse
+import functools
 import json
 import os
 import re
@@ -454,7 +455,8 @@ def sample_cases(block_size, tokens, nanogpt, device="cpu", variants=()):
     """(name, model, new tokens, use_cache, window, cuda_graphs, variant), from a 1-token prompt:
     the context filled with and without the cache; a run past block_size in every window mode
     and uncached, with learned positions and with RoPE; nanoGPT's generate on the same weights;
-    on CUDA the cached steps without graphs and compiled; the first case again for each
+    on CUDA the cached steps without graphs and compiled, on the CPU compiled
+    (cuda_graphs='compile': cpu_decode.FrozenDecode, as sample.py --compile=True); the first case again for each
     (decode kernel, threads) variant after the first (variant: cpu_kernels' DECODE_KERNEL and
     DECODE_THREADS for the case)."""
     short = block_size - 1
@@ -471,6 +473,8 @@ def sample_cases(block_size, tokens, nanogpt, device="cpu", variants=()):
     if device.startswith("cuda"):  # the cached steps without CUDA graphs, and compiled into them
         cases += [(f"{tokens} new, cache exact, no graphs", "gpt", tokens, True, "exact", False),
                   (f"{tokens} new, cache exact, compiled graphs", "gpt", tokens, True, "exact", "compile")]
+    else:  # sample.py --compile=True: each cached step compiled with its weights frozen in
+        cases += [(f"{short} new, compiled KV cache", "gpt", short, True, "exact", "compile")]
     first = variants[0] if variants else None
     cases = [(*case[:5], case[5] if len(case) > 5 else True, first) for case in cases]
     cases += [(f"{short} new, KV cache, {kernel}@{threads}", "gpt", short, True, "exact", True, (kernel, threads))
@@ -505,7 +509,9 @@ SPEEDUPS = {"cache_vs_none_short": ("{short} new, KV cache", "{short} new, no ca
             "chunked_vs_nanogpt_long": ("{long} new, cache chunked", "{long} new, nanoGPT"),
             "exact_vs_nanogpt_long": ("{long} new, cache exact", "{long} new, nanoGPT"),
             "graphs_vs_eager_long": ("{long} new, cache exact", "{long} new, cache exact, no graphs"),
-            "compiled_graphs_vs_nanogpt_long": ("{long} new, cache exact, compiled graphs", "{long} new, nanoGPT")}
+            "compiled_graphs_vs_nanogpt_long": ("{long} new, cache exact, compiled graphs", "{long} new, nanoGPT"),
+            "compiled_vs_eager_short": ("{short} new, compiled KV cache", "{short} new, KV cache"),
+            "compiled_vs_nanogpt_short": ("{short} new, compiled KV cache", "{short} new, nanoGPT")}
 TOKEN_CHECKS = ((0, 1), (2, 4), (5, 6))  # (cached, uncached): the same tokens
 
 
@@ -552,6 +558,14 @@ def nanogpt_model(checkout, ours):
     return model.eval()
 
 
+@functools.cache
+def frozen_decode():
+    """The one cpu_decode.FrozenDecode of the compiled cases: it keeps each model's compiled
+    step from the warm-up to the timed run."""
+    from gpt_trainer.cpu_decode import FrozenDecode
+    return FrozenDecode()
+
+
 def time_generate(model, prompt, case, args, seed, autocast=True):
     """(seconds, tokens) of one generation, sampled with a generator seeded by `seed`, under
     --dtype's autocast (sample.py's) unless autocast=False."""
@@ -563,6 +577,9 @@ def time_generate(model, prompt, case, args, seed, autocast=True):
     if variant:  # the decode kernel and threads of this case (cpu_kernels reads them per step)
         cpu_kernels.DECODE_KERNEL, cpu_kernels.DECODE_THREADS = variant
     device = prompt.device
+    decode_fn = None
+    if graphs == "compile" and device.type == "cpu":
+        decode_fn = frozen_decode()
     ctx = autocast_context(device.type, args.dtype if autocast else "float32")
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -574,7 +591,7 @@ def time_generate(model, prompt, case, args, seed, autocast=True):
         else:
             out = generate(model, prompt, n, temperature=args.temperature, top_k=args.top_k or None,
                            generator=torch.Generator(device).manual_seed(seed), use_cache=use_cache,
-                           window=window, cuda_graphs=graphs)
+                           window=window, cuda_graphs=graphs, decode_fn=decode_fn)
     out = out.cpu()  # waits for the device
     return time.perf_counter() - t0, out
 
@@ -590,7 +607,8 @@ def check_tokens(models, prompt, cases, outputs, args):
     can make them differ."""
     import copy
     checks = []
-    graph_cases = [(i, 4) for i, c in enumerate(cases) if c[5] is not True]  # CUDA: with/without graphs
+    uncached = {c[2]: j for j, c in enumerate(cases) if c[1] == "gpt" and not c[3] and c[4] == "exact"}
+    graph_cases = [(i, uncached[c[2]]) for i, c in enumerate(cases) if c[5] is not True]  # graphs, compiled
     variants = [(i, 1) for i in variant_cases(cases)]
     for cached, uncached in [*TOKEN_CHECKS, *graph_cases, *variants]:
         if cached not in outputs or uncached not in outputs:  # not both chosen by --cases

@@ -19,7 +19,8 @@ from gpt_trainer.chat_template import ChatError, HFChat, chat_from_meta, hf_toke
 from gpt_trainer.checkpoint import inference_path, load_checkpoint
 from gpt_trainer.loading import build_any_model
 from gpt_trainer.cpu_kernels import decoding
-from gpt_trainer.generate import KVCache, decode, decode_params, sample_next
+from gpt_trainer.generate import decode, decode_params, sample_next
+from gpt_trainer.kv_cache import KVCache
 from gpt_trainer.runtime import autocast_context, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------

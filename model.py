@@ -253,7 +253,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None, all_logits=False, sliding=False):
         """Logits for the last position (inference), or for every position with targets or
-        all_logits. With kv_cache (a gpt_trainer.generate.KVCache), idx continues the cached
+        all_logits. With kv_cache (a gpt_trainer.kv_cache.KVCache), idx continues the cached
         tokens. sliding=True lets a RoPE model pass block_size: each token attends to the last
         block_size tokens (itself included) in every layer, over a longer idx or, one token at
         a time, a longer cache."""

@@ -13,6 +13,7 @@ import sys
 import torch
 
 from configurator import UserError, configure, install_error_hook
+from gpt_trainer.cpu_decode import FrozenDecode
 from gpt_trainer.generate import WINDOWS, decode, generate_stream
 from gpt_trainer.loading import load_model
 from gpt_trainer.runtime import setup
@@ -187,7 +188,9 @@ def prepare_model(model, device, compile_model, window="exact"):
     if not compile_model:
         return model, decode
     model.compile(dynamic=True)  # in place: the prefill's self(...) calls
-    return model, torch.compile(decode, dynamic=True)  # and each token's step
+    if torch.device(device).type == "cpu":  # each token's step with the weights frozen in
+        return model, FrozenDecode()
+    return model, torch.compile(decode, dynamic=True)  # and each token's step (a CUDA graph's)
 
 
 if __name__ == "__main__":

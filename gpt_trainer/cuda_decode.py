@@ -9,24 +9,7 @@ import weakref
 
 import torch
 
-
-class StaticKVCache:
-    """The KVCache interface that generate.decode uses, over preallocated buffers (n_layer
-    lists of (B, n_kv_head, block_size, hs)), with `pos` a (1,) long tensor on the device."""
-
-    def __init__(self, k, v, pos):
-        self.k, self.v, self.pos = k, v, pos
-        self.slots = torch.arange(k[0].size(2), device=pos.device)
-
-    @property
-    def mask(self):  # (1, 1, 1, block_size): the filled slots, the new token's included
-        return (self.slots <= self.pos).view(1, 1, 1, -1)
-
-    def update(self, layer, k, v, size):
-        # under autocast a normed key can be fp32 while the buffer has the prefill's dtype
-        self.k[layer].index_copy_(2, self.pos, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(2, self.pos, v.to(self.v[layer].dtype))
-        return self.k[layer], self.v[layer]
+from gpt_trainer.kv_cache import StaticKVCache
 
 
 class GraphDecoder:
@@ -41,7 +24,7 @@ class GraphDecoder:
         self.k = self.v = self.graph = None
 
     def new_cache(self, cache_cls, n_layer):
-        """An empty cache_cls (generate.KVCache) over this decoder's buffers, for the prefill."""
+        """An empty cache_cls (kv_cache.KVCache) over this decoder's buffers, for the prefill."""
         cache = cache_cls(n_layer)
         if self.k is not None:
             cache.k, cache.v = list(self.k), list(self.v)

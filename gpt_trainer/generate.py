@@ -1,42 +1,18 @@
 """
-Generation from a GPT: a KV cache, the decode step (forward() for one new token, written
-over plain tensors for speed) and sampling, used by sample.py, evaluate.py's callers and
-bench.py. The model's forward() takes a KVCache to prefill it or to continue it; everything
-that decides what comes next lives here.
+Generation from a GPT: the decode step (forward() for one new token, written over plain
+tensors for speed) and sampling, used by sample.py, evaluate.py's callers and bench.py. The
+model's forward() takes a kv_cache.KVCache to prefill it or to continue it; everything that
+decides what comes next lives here.
 """
 import torch
 from torch.nn import functional as F
 
 from gpt_trainer import cpu_kernels
 from gpt_trainer.cpu_kernels import attention, decode_linear, decode_weight, decoding
+from gpt_trainer.kv_cache import KVCache
 from model import activate, apply_rope
 
 WINDOWS = ("exact", "chunked", "sliding")  # generation past block_size, see generate_stream
-
-
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, (B, n_kv_head, block_size, hs)
-    each, filled by a prefill and then one token per decode step. Past block_size (RoPE only,
-    one token at a time) it is a ring: a new token replaces the oldest, so the cache holds the
-    last block_size tokens, which one query attends to in any order."""
-
-    mask = None  # every cached slot is attended to (a StaticKVCache masks the unfilled ones)
-
-    def __init__(self, n_layer):
-        self.k, self.v = [None] * n_layer, [None] * n_layer
-        self.pos = 0  # tokens already cached (the absolute position of the next one)
-
-    def update(self, layer, k, v, size):
-        if self.k[layer] is None:
-            B, nkv, _, hs = k.shape
-            self.k[layer] = k.new_zeros(B, nkv, size, hs)
-            self.v[layer] = v.new_zeros(B, nkv, size, hs)
-        T = k.size(2)
-        slot = self.pos % size if self.pos + T > size else self.pos
-        self.k[layer].narrow(2, slot, T).copy_(k)  # narrow: a decode step's few ops add up
-        self.v[layer].narrow(2, slot, T).copy_(v)
-        end = min(self.pos + T, size)
-        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
 
 
 def norm(x, params, name, config):
@@ -71,12 +47,21 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return choice if ids is None else ids.gather(-1, choice)
 
 
+def step_params(model, kernel):
+    """{'blocks': per block, its parameters by name ('attn.c_attn.weight', ...) and 'kernel';
+    'head': the final norm's and lm_head's, the same way}, each matrix as decode_linear(...,
+    kernel) reads it: the weights themselves unless kernel is 'aten_t' (transposed copies)."""
+    prepare = lambda named: {**{n: decode_weight(p, kernel) if p.dim() == 2 else p  # noqa: E731
+                                for n, p in named}, "kernel": kernel}
+    head = [("ln_f." + n, p) for n, p in model.transformer.ln_f.named_parameters()]
+    return {"blocks": [prepare(block.named_parameters()) for block in model.transformer.h],
+            "head": prepare(head + [("lm_head.weight", model.lm_head.weight)])}
+
+
 def decode_params(model, kernel=None):
-    """What decode() reads: {'blocks': per block, its parameters by name ('attn.c_attn.weight',
-    ...) and 'kernel'; 'head': the final norm's and lm_head's, the same way}. On the CPU the
-    kernel is cpu_kernels.DECODE_KERNEL by default; with 'aten_t' the matrices are transposed
-    copies, kept on the model until a parameter changes (in place or replaced). Elsewhere it
-    is 'aten': the weights themselves; so is 'onednn' outside plain fp32 (its op knows
+    """What decode() reads, step_params(model, kernel), kept on the model until a parameter
+    changes (in place or replaced). On the CPU the kernel is cpu_kernels.DECODE_KERNEL by
+    default; elsewhere it is 'aten', and so is 'onednn' outside plain fp32 (its op knows
     neither autocast nor float64). A CUDA graph casts these matrices once (cuda_decode)."""
     weight = model.lm_head.weight
     if weight.device.type != "cpu":
@@ -87,13 +72,8 @@ def decode_params(model, kernel=None):
     key = (kernel, [(id(p), p.data_ptr(), p._version) for p in model.parameters()])
     cached = getattr(model, "_decode_params", None)
     if cached is None or cached[0] != key:
-        prepare = lambda named: {**{n: decode_weight(p, kernel) if p.dim() == 2 else p  # noqa: E731
-                                    for n, p in named}, "kernel": kernel}
         with torch.no_grad():
-            head = [("ln_f." + n, p) for n, p in model.transformer.ln_f.named_parameters()]
-            prepared = {"blocks": [prepare(block.named_parameters()) for block in model.transformer.h],
-                        "head": prepare(head + [("lm_head.weight", weight)])}
-        model._decode_params = cached = (key, prepared)
+            model._decode_params = cached = (key, step_params(model, kernel))
     return cached[1]
 
 

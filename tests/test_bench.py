@@ -102,16 +102,19 @@ def test_compare_external_command(tiny_data, tmp_path):
     assert "B/A tokens/s:" in out
 
 
-def check_sample_report(out, report):
+def check_sample_report(out, report, compiled=False):
+    """compiled: the run includes the compiled case (sample.py --compile=True's step)."""
     speeds = report["median_tokens_per_s"]
     assert set(speeds) == {"31 new, KV cache", "31 new, no cache", "40 new, cache exact",
                            "40 new, cache chunked", "40 new, no cache", "40 new, RoPE, cache sliding",
-                           "40 new, RoPE, no cache"}
+                           "40 new, RoPE, no cache"} | ({"31 new, compiled KV cache"} if compiled else set())
     assert all(v > 0 for v in speeds.values())
     assert report["speedups"]["cache_vs_none_short"][0] > 0
-    # sampled tokens with the cache equal those of full recomputation (same seed)
-    assert [c["ok"] for c in report["token_checks"]] == [True, True, True]
-    assert out.count("token check") == 3 and "DIFFER" not in out
+    assert ("compiled_vs_eager_short" in report["speedups"]) == compiled
+    # sampled tokens with the cache (and compiled) equal those of full recomputation (same seed)
+    checks = 4 if compiled else 3
+    assert [c["ok"] for c in report["token_checks"]] == [True] * checks
+    assert out.count("token check") == checks and "DIFFER" not in out
     check_sample_floor(out, report)
 
 
@@ -135,7 +138,9 @@ def check_sample_floor(out, report):
 
 
 def test_sample(tmp_path):
-    check_sample_report(*run_bench(*TINY_SAMPLE, tmp_path=tmp_path))
+    # every case but the compiled one, which compiles for tens of seconds (the slow test below)
+    eager = "31 new, KV cache;no cache;cache exact;cache chunked;cache sliding"
+    check_sample_report(*run_bench(*TINY_SAMPLE, f"--cases={eager}", tmp_path=tmp_path))
 
 
 @pytest.mark.slow
@@ -155,7 +160,7 @@ def test_sample_each_case_in_a_fresh_process(tmp_path):
     args = [a for a in TINY_SAMPLE if a not in ("--in_process", "--repeats=2")] + ["--repeats=1"]
     out, report = run_bench(*args, tmp_path=tmp_path, timeout=300)
     assert report["in_process"] is False
-    check_sample_report(out, report)
+    check_sample_report(out, report, compiled=True)
 
 
 def test_log_parsing():

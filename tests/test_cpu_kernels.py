@@ -213,7 +213,8 @@ def test_decode_kernels_equal_full_recomputation(monkeypatch, kernel, threads):
     forward()'s, and greedy tokens with the cache equal those of full recomputation; the step
     runs at its thread count and the caller's is restored."""
     from gpt_trainer import cpu_kernels
-    from gpt_trainer.generate import KVCache, decode, decode_params, generate
+    from gpt_trainer.generate import decode, decode_params, generate
+    from gpt_trainer.kv_cache import KVCache
     from model import GPT, GPTConfig
     if kernel == "onednn" and cpu_kernels.ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN")

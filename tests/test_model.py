@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from gpt_trainer.generate import KVCache, decode, decode_params, generate, generate_stream, sample_next
+from gpt_trainer.generate import decode, decode_params, generate, generate_stream, sample_next
+from gpt_trainer.kv_cache import KVCache, StaticKVCache
 from model import GPT, GPTConfig
 from gpt_trainer.optim import param_groups
 
@@ -336,11 +337,9 @@ def test_sliding_positions_convention():
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama_like"])
 def test_static_cache_decode_equals_sliced_cache(arch):
-    """The CUDA graph's step (cuda_decode.StaticKVCache: buffers of block_size, the position a
+    """The fixed-shape step (kv_cache.StaticKVCache: buffers of block_size, the position a
     tensor, unfilled slots masked) computes what the eager step over a sliced cache does; run
-    here on the CPU, where no graph is captured."""
-    from gpt_trainer.cuda_decode import StaticKVCache
-    from gpt_trainer.generate import KVCache, decode, decode_params
+    eagerly, without a CUDA graph or compilation."""
     model = tiny_model(**ARCHS[arch])
     prompt = prompts(2, 5)
     with torch.no_grad():
