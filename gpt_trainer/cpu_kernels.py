@@ -14,24 +14,38 @@ from torch.nn import functional as F
 from gpt_trainer.errors import UserError
 
 
-def cpu_vendor(cpuinfo="/proc/cpuinfo"):
-    """The x86 vendor id ('GenuineIntel', 'AuthenticAMD') from /proc/cpuinfo; '' elsewhere."""
+def cpu_field(name, cpuinfo="/proc/cpuinfo"):
+    """The first `name` field of /proc/cpuinfo ('vendor_id': 'GenuineIntel', 'AuthenticAMD';
+    'cpu family': '25'); '' where there is none (aarch64 has no vendor_id, macOS no file)."""
     try:
         with open(cpuinfo) as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.split(":", 1)[0].strip() == name), "")
     except OSError:
         return ""
+
+
+def cpu_vendor(cpuinfo="/proc/cpuinfo"):
+    return cpu_field("vendor_id", cpuinfo)
+
+
+def cpu_family(cpuinfo="/proc/cpuinfo"):
+    """The x86 CPU family number (AMD: 25 = Zen 3 and Zen 4, 26 = Zen 5); 0 where unknown."""
+    family = cpu_field("cpu family", cpuinfo)
+    return int(family) if family.isdigit() else 0
 
 
 ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
                  if torch.backends.mkldnn.is_available() else None)
 
 
-def onednn_fp32(vendor):
-    """Whether Linear's fp32 matmuls go through oneDNN on this CPU vendor. aten's are MKL's on
-    x86, which takes its fast paths on Intel CPUs only: oneDNN trains faster on an AMD EPYC
-    and slower on an Intel Xeon (docs/benchmarks.md)."""
-    return ONEDNN_LINEAR is not None and vendor == "AuthenticAMD"
+def onednn_fp32(vendor, family):
+    """Whether training Linear's fp32 matmuls go through oneDNN on this CPU. aten's are MKL's
+    on x86. On an AMD Zen 5 (family 26), whose AVX-512 units are full width, MKL keeps to
+    narrower paths and oneDNN trains faster; on a Zen 4 (family 25) MKL's matmul rate is
+    close to oneDNN's and aten trains faster, as on an Intel Xeon (docs/cpu_speed.md has
+    each A/B)."""
+    return ONEDNN_LINEAR is not None and vendor == "AuthenticAMD" and family >= 26
 
 
 # Every vendor- or size-specific choice below can be forced by an environment variable, so
@@ -48,30 +62,30 @@ def env_choice(name, allowed, default="auto", environ=None):
     return value
 
 
-def linear_kernel(setting, vendor):
+def linear_kernel(setting, vendor, family):
     """'onednn' or 'aten' for Linear's fp32 CPU matmuls of ONEDNN_MIN_ROWS rows or more."""
     if setting == "onednn" and ONEDNN_LINEAR is None:
         raise UserError("GPT_CPU_KERNEL=onednn but this torch has no oneDNN (torch.ops.mkldnn)")
     if setting == "auto":
-        return "onednn" if onednn_fp32(vendor) else "aten"
+        return "onednn" if onednn_fp32(vendor, family) else "aten"
     return setting
 
 
 def decode_kernel(setting, vendor):
     """How a decoding step's matmuls run (x is one row per sample): 'aten' (F.linear on the
     (out, in) weight), 'aten_t' (x @ a contiguous (in, out) copy of the weight) or 'onednn'.
-    'auto' picks per vendor what was measured fastest on it: oneDNN on an AMD EPYC, whose
-    matrix-vector products stream the weights at twice MKL's rate there with two threads, and
-    aten (MKL's own fast path) on an Intel Xeon (docs/cpu_speed.md has both A/Bs)."""
+    'auto' picks per vendor what was measured fastest on it: oneDNN on AMD EPYCs (Zen 4 and
+    Zen 5), whose matrix-vector products stream the weights faster there with two threads,
+    and aten (MKL's own fast path) on an Intel Xeon (docs/cpu_speed.md has the A/Bs)."""
     if setting == "onednn" and ONEDNN_LINEAR is None:
         raise UserError("GPT_DECODE_KERNEL=onednn but this torch has no oneDNN (torch.ops.mkldnn)")
     if setting == "auto":
-        return "onednn" if onednn_fp32(vendor) else "aten"
+        return "onednn" if ONEDNN_LINEAR is not None and vendor == "AuthenticAMD" else "aten"
     return setting
 
 
-VENDOR = cpu_vendor()
-ONEDNN_FP32 = linear_kernel(env_choice("GPT_CPU_KERNEL", LINEAR_KERNELS), VENDOR) == "onednn"
+VENDOR, FAMILY = cpu_vendor(), cpu_family()
+ONEDNN_FP32 = linear_kernel(env_choice("GPT_CPU_KERNEL", LINEAR_KERNELS), VENDOR, FAMILY) == "onednn"
 # below this many rows (a short prompt's prefill, forward() of one token) Linear stays on aten;
 # decoding steps choose their own kernel (DECODE_KERNEL)
 ONEDNN_MIN_ROWS = int(os.environ.get("GPT_ONEDNN_MIN_ROWS", 32))

@@ -53,16 +53,21 @@ def test_cpu_bf16_attention(monkeypatch, probs_limit):
         torch.testing.assert_close(got.grad.float(), want.grad, rtol=0, atol=0.04)
 
 
-def test_cpu_vendor_picks_onednn_for_amd_only(tmp_path):
+def test_cpu_id_picks_onednn_for_amd_zen5_only(tmp_path):
     from gpt_trainer import cpu_kernels
-    for vendor in ("AuthenticAMD", "GenuineIntel"):
-        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\n")
-        assert cpu_kernels.cpu_vendor(str(tmp_path / "cpuinfo")) == vendor
+    cpuinfo = str(tmp_path / "cpuinfo")
+    for vendor, family in (("AuthenticAMD", 25), ("AuthenticAMD", 26), ("GenuineIntel", 6)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\n"
+                                          f"model\t\t: 17\n")
+        assert (cpu_kernels.cpu_vendor(cpuinfo), cpu_kernels.cpu_family(cpuinfo)) == (vendor, family)
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # aarch64 has no vendor_id
-    assert cpu_kernels.cpu_vendor(str(tmp_path / "cpuinfo")) == ""
-    assert cpu_kernels.cpu_vendor(str(tmp_path / "missing")) == ""  # macOS, Windows
-    assert not cpu_kernels.onednn_fp32("GenuineIntel") and not cpu_kernels.onednn_fp32("")
-    assert cpu_kernels.onednn_fp32("AuthenticAMD") == (cpu_kernels.ONEDNN_LINEAR is not None)
+    assert (cpu_kernels.cpu_vendor(cpuinfo), cpu_kernels.cpu_family(cpuinfo)) == ("", 0)
+    missing = str(tmp_path / "missing")  # macOS, Windows
+    assert (cpu_kernels.cpu_vendor(missing), cpu_kernels.cpu_family(missing)) == ("", 0)
+    has = cpu_kernels.ONEDNN_LINEAR is not None
+    assert cpu_kernels.onednn_fp32("AuthenticAMD", 26) == has and cpu_kernels.onednn_fp32("AuthenticAMD", 27) == has
+    assert not cpu_kernels.onednn_fp32("AuthenticAMD", 25)  # Zen 4: aten trains faster there
+    assert not cpu_kernels.onednn_fp32("GenuineIntel", 6) and not cpu_kernels.onednn_fp32("", 0)
 
 
 @pytest.mark.parametrize("onednn", [True, False])
@@ -164,16 +169,18 @@ def test_decoding_turns_onednn_off_for_fp32_cpu_steps_only(monkeypatch):
 
 
 def test_linear_kernel_choices():
-    """Training Linear's and decoding's fp32 kernels: 'auto' is oneDNN on AMD only, and any
-    can be forced."""
+    """Training Linear's and decoding's fp32 kernels: 'auto' is oneDNN on AMD Zen 5 (training)
+    and on AMD (decoding) only, and any can be forced."""
     from gpt_trainer import cpu_kernels
     from gpt_trainer.errors import UserError
     has = cpu_kernels.ONEDNN_LINEAR is not None
-    assert cpu_kernels.linear_kernel("auto", "AuthenticAMD") == ("onednn" if has else "aten")
-    assert cpu_kernels.linear_kernel("auto", "GenuineIntel") == "aten"
-    assert cpu_kernels.linear_kernel("aten", "AuthenticAMD") == "aten"
+    assert cpu_kernels.linear_kernel("auto", "AuthenticAMD", 26) == ("onednn" if has else "aten")
+    assert cpu_kernels.linear_kernel("auto", "AuthenticAMD", 25) == "aten"
+    assert cpu_kernels.linear_kernel("auto", "GenuineIntel", 6) == "aten"
+    assert cpu_kernels.linear_kernel("aten", "AuthenticAMD", 26) == "aten"
     if has:
-        assert cpu_kernels.linear_kernel("onednn", "GenuineIntel") == "onednn"
+        assert cpu_kernels.linear_kernel("onednn", "GenuineIntel", 6) == "onednn"
+        assert cpu_kernels.linear_kernel("onednn", "AuthenticAMD", 25) == "onednn"
     with pytest.raises(UserError, match="GPT_CPU_KERNEL='mkl' is not one of auto, onednn, aten"):
         cpu_kernels.env_choice("GPT_CPU_KERNEL", cpu_kernels.LINEAR_KERNELS, environ={"GPT_CPU_KERNEL": "mkl"})
     # decoding: oneDNN on AMD, aten (MKL's own fast path) elsewhere; a named kernel is kept
