@@ -77,6 +77,20 @@ def decode_params(model, kernel=None):
     return cached[1]
 
 
+def decode_attention(q, k, v, mask):
+    """What SDPA computes for one query per head, q (B, nh, 1, hs), over the cached keys and
+    values (B, nkv, L, hs), written as its three ops for a step compiled on the CPU: inductor
+    fuses them into its own kernels, where SDPA stays one opaque call per layer that costs
+    more than the work (eagerly, SDPA's one call is the faster). The query heads that share
+    a key/value head (GQA) are rows of one matmul."""
+    B, nh, _, hs = q.shape
+    nkv = k.size(1)
+    att = (q.view(B, nkv, nh // nkv, hs) @ k.transpose(-2, -1)) * hs ** -0.5  # (B, nkv, nh/nkv, L)
+    if mask is not None:  # (1, 1, 1, L): the slots that take part
+        att = att.masked_fill(~mask, float("-inf"))
+    return (att.softmax(dim=-1) @ v).view(B, nh, 1, hs)
+
+
 def decode(model, token, cache, params):
     """Logits (B, 1, V) for token (B, 1) after the tokens in cache: forward() in eval mode
     for one position, written over plain tensors (params from decode_params()). At batch 1
@@ -100,7 +114,10 @@ def decode(model, token, cache, params):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache.update(layer, k, v, cfg.block_size)
-        y = attention(q, k, v, cache.mask, False, 0.0, nkv != nh)  # one query sees the whole cache
+        if torch.compiler.is_compiling() and q.device.type == "cpu":  # FrozenDecode's step
+            y = decode_attention(q, k, v, cache.mask)
+        else:  # one query sees the whole cache
+            y = attention(q, k, v, cache.mask, False, 0.0, nkv != nh)
         x = x + linear(y.view(B, nh * hs), p, "attn.c_proj")  # (B, nh, 1, hs) as (B, nh*hs)
         h = activate(cfg.mlp, linear(norm(x, p, "ln_2", cfg), p, "mlp.c_fc"))
         x = x + linear(h, p, "mlp.c_proj")

@@ -354,3 +354,18 @@ def test_static_cache_decode_equals_sliced_cache(arch):
             expected, got = decode(model, token, sliced, params), decode(model, token, static, params)
             torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
         assert int(static.pos) == sliced.pos == 11
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_decode_attention_equals_sdpa(n_kv_head):
+    """The compiled CPU step's attention (generate.decode_attention): one query per head over
+    a cache, grouped query heads as rows, unfilled slots masked, equals SDPA's."""
+    from torch.nn import functional as F
+    from gpt_trainer.generate import decode_attention
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, n_kv_head, 12, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = (torch.arange(12) <= 6).view(1, 1, 1, 12)
+    for m in (None, mask):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=n_kv_head != 4)
+        torch.testing.assert_close(decode_attention(q, k, v, m), expected, rtol=1e-12, atol=1e-12)
