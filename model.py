@@ -251,6 +251,11 @@ class GPT(nn.Module):
                 n -= self.transformer.wte.weight.numel()
         return n
 
+    def weights_version(self):
+        """A key that changes whenever a parameter is replaced, moved or changed in place (an
+        optimizer step): what decoding keys its prepared copies of the weights on."""
+        return tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())
+
     def forward(self, idx, targets=None, kv_cache=None, all_logits=False, sliding=False):
         """Logits for the last position (inference), or for every position with targets or
         all_logits. With kv_cache (a gpt_trainer.kv_cache.KVCache), idx continues the cached

@@ -76,8 +76,7 @@ def graph_decoder(model, B, compile=False):
     model and kept while its weights stay where they are and unchanged (a training step,
     which changes them in place, or a move makes a new one)."""
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-    weights = [(p.data_ptr(), p._version) for p in model.parameters()]
-    key = (B, dtype, model.lm_head.weight.dtype, hash(tuple(weights)), compile)
+    key = (B, dtype, model.lm_head.weight.dtype, hash(model.weights_version()), compile)
     decoders = DECODERS.setdefault(model, {})
     if key not in decoders:
         if len(decoders) >= 4:  # each holds a KV cache of block_size

@@ -69,7 +69,7 @@ def decode_params(model, kernel=None):
     kernel = kernel or cpu_kernels.DECODE_KERNEL
     if kernel == "onednn" and (weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
         kernel = "aten"
-    key = (kernel, [(id(p), p.data_ptr(), p._version) for p in model.parameters()])
+    key = (kernel, model.weights_version())
     cached = getattr(model, "_decode_params", None)
     if cached is None or cached[0] != key:
         with torch.no_grad():
