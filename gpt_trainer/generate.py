@@ -106,6 +106,7 @@ def decode(model, token, cache, params):
         rope = model.rope_at(pos, 1)
     else:
         rope = model.rope_cos[pos], model.rope_sin[pos]
+    mask = cache.mask  # a StaticKVCache's filled slots: one comparison per step, not per layer
     for layer, p in enumerate(params["blocks"]):
         qkv = linear(norm(x, p, "ln_1", cfg), p, "attn.c_attn").view(B, nh + 2 * nkv, 1, hs)
         q, k, v = qkv.split([nh, nkv, nkv], dim=1)  # (B, nh|nkv, 1, hs)
@@ -115,9 +116,9 @@ def decode(model, token, cache, params):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache.update(layer, k, v, cfg.block_size)
         if torch.compiler.is_compiling() and q.device.type == "cpu":  # FrozenDecode's step
-            y = decode_attention(q, k, v, cache.mask)
+            y = decode_attention(q, k, v, mask)
         else:  # one query sees the whole cache
-            y = attention(q, k, v, cache.mask, False, 0.0, nkv != nh)
+            y = attention(q, k, v, mask, False, 0.0, nkv != nh)
         x = x + linear(y.view(B, nh * hs), p, "attn.c_proj")  # (B, nh, 1, hs) as (B, nh*hs)
         h = activate(cfg.mlp, linear(norm(x, p, "ln_2", cfg), p, "mlp.c_fc"))
         x = x + linear(h, p, "mlp.c_proj")
