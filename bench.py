@@ -659,13 +659,19 @@ OP_KINDS = {"matmuls": ("addmm", "aten::mm", "addmv", "aten::mv", "bmm", "_linea
 def profile_case(models, prompt, case, args):
     """Where a token's time goes in `case`: self CPU time of its aten ops under torch.profiler,
     by OP_KINDS, per token; everything else (other ops, Python, dispatch, the profiler's own
-    cost) is the profiled wall time minus the ops'."""
+    cost) is the profiled wall time minus the ops'. On CUDA also the GPU's side: kernels per
+    token and their time, by kernel (a CUDA graph's replay shows no aten ops, only kernels)."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
     seconds = timed_case(models, prompt, case, args)[0]
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = prompt.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         profiled = time_generate(models[case[1]], prompt, case, args, args.seed)[0]
-    kinds = dict.fromkeys([*OP_KINDS, "other ops"], 0.0)
+    kinds, kernels = dict.fromkeys([*OP_KINDS, "other ops"], 0.0), {}
     for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.key] = (event.self_device_time_total / 1e3 / case[2], event.count / case[2])
+            continue
         kind = next((k for k, names in OP_KINDS.items() if any(n in event.key for n in names)), "other ops")
         kinds[kind] += event.self_cpu_time_total / 1e6
     kinds["Python, dispatch and profiler"] = profiled - sum(kinds.values())
@@ -674,8 +680,22 @@ def profile_case(models, prompt, case, args):
           f"the profiler, of which (ms/token):")
     for kind, ms in per_token.items():
         print(f"  {kind:<32}{ms:>8.3f}")
-    return {"mode": "sample_profile", "case": case[0], "ms_per_token": 1000 * seconds / case[2],
-            "profiled_ms_per_token": 1000 * profiled / case[2], "profile_ms_per_token": per_token}
+    report = {"mode": "sample_profile", "case": case[0], "ms_per_token": 1000 * seconds / case[2],
+              "profiled_ms_per_token": 1000 * profiled / case[2], "profile_ms_per_token": per_token}
+    if cuda:
+        report["device"] = print_kernels(kernels)
+    return report
+
+
+def print_kernels(kernels):
+    """The GPU's side of a profiled generation: {kernel: (ms, launches) per token}, busiest first."""
+    busy, launches = sum(ms for ms, _ in kernels.values()), sum(n for _, n in kernels.values())
+    print(f"GPU: {launches:.1f} kernels per token, busy {busy:.3f} ms/token; the busiest (ms/token, per token):")
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
+    for name, (ms, n) in top[:15]:
+        print(f"  {ms:8.4f} {n:6.1f}  {name[:100]}")
+    return {"kernels_per_token": launches, "busy_ms_per_token": busy,
+            "kernels": {name: {"ms_per_token": ms, "per_token": n} for name, (ms, n) in top}}
 
 
 def bench_sample(overrides, args):
@@ -689,8 +709,6 @@ def bench_sample(overrides, args):
     models = {k: m.to(device) for k, m in sample_models(overrides, args.seed, args.nanogpt).items()}
     cases = sample_cases(models["gpt"].config.block_size, args.tokens, args.nanogpt, device, decode_variants(args))
     prompt = torch.zeros((args.num_samples, 1), dtype=torch.long, device=device)
-    if args.profile:
-        return profile_case(models, prompt, cases[0], args)
     if args.case is not None:  # one case for a parent bench.py, as JSON on the last line
         seconds, out = timed_case(models, prompt, cases[args.case], args)
         print(json.dumps({"seconds": seconds, "tokens": out.tolist()}))
@@ -699,6 +717,8 @@ def bench_sample(overrides, args):
               or any(part.strip() in case[0] for part in args.cases.split(";"))]
     if not chosen:
         raise UserError(f"--cases={args.cases!r} matches none of: {'; '.join(c[0] for c in cases)}")
+    if args.profile:
+        return profile_case(models, prompt, cases[chosen[0]], args)
     times, outputs, machine = {cases[i][0]: [] for i in chosen}, {}, []
     for rep in range(args.repeats):  # interleaved: every case sees the same machine noise
         machine.append(measure_machine(args, ("float32",)))
@@ -842,8 +862,9 @@ def parse_args(argv):
     p.add_argument("--top_k", type=int, default=200, help="--sample: 0 = no limit")
     p.add_argument("--in_process", action="store_true", help="--sample: time every case in this "
                    "process (a faster start, but a long case can slow the ones after it)")
-    p.add_argument("--profile", action="store_true", help="--sample: where a token's time goes with "
-                   "the KV cache (torch.profiler, in this process)")
+    p.add_argument("--profile", action="store_true", help="--sample: where a token's time goes in the first case "
+                   "--cases picks, the KV cache's by default (torch.profiler, in this process; "
+                   "on CUDA also the kernels)")
     p.add_argument("--decode_kernel", help="--sample: decode matmul kernel(s), comma-separated, from "
                    "auto, aten, aten_t, onednn (default: GPT_DECODE_KERNEL or auto); more than one "
                    "adds the KV cache case for each, interleaved, with its ratio to the first")

@@ -144,15 +144,17 @@ def test_sample(tmp_path):
 
 
 @pytest.mark.slow
-def test_sample_profile(tmp_path):
+@pytest.mark.parametrize("cases,profiled", [((), "31 new, KV cache"), (("--cases=no cache",), "31 new, no cache")])
+def test_sample_profile(tmp_path, cases, profiled):
     out, report = run_bench("--sample", "--profile", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32",
-                            tmp_path=tmp_path)
+                            *cases, tmp_path=tmp_path)
+    assert report["case"] == profiled and "device" not in report  # kernels only on CUDA
     parts = report["profile_ms_per_token"]
     # every kind of op a decoding step runs was found by name, and the ops fit in the wall time
     assert all(parts[kind] > 0 for kind in bench.OP_KINDS)
     assert sum(parts.values()) == pytest.approx(report["profiled_ms_per_token"])
     assert parts["Python, dispatch and profiler"] > 0
-    assert "31 new, KV cache" in out and "matmuls" in out
+    assert profiled in out and "matmuls" in out
 
 
 @pytest.mark.slow

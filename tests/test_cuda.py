@@ -155,3 +155,16 @@ def test_sample_py_on_cuda(bf16_run):
     plain = sample()
     assert len(plain.strip()) > 60
     assert sample("--compile=True") == plain
+
+
+def test_bench_profiles_kernels_of_a_graph_replay(tmp_path):
+    """bench.py --sample --profile on CUDA sees the kernels a CUDA graph replays (the replay
+    itself shows no aten ops): at least one kernel per layer per token, busy time > 0."""
+    from test_bench import run_bench
+    _, report = run_bench("--sample", "--profile", "--device=cuda", "--dtype=bfloat16", "--in_process",
+                          "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--cases=KV cache",
+                          tmp_path=tmp_path, timeout=300)
+    device = report["device"]
+    assert report["case"] == "31 new, KV cache"
+    assert device["kernels_per_token"] >= 2 and device["busy_ms_per_token"] > 0, device
+    assert sum(k["per_token"] for k in device["kernels"].values()) == pytest.approx(device["kernels_per_token"])
