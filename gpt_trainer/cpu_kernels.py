@@ -273,6 +273,7 @@ def attention(q, k, v, mask, is_causal, dropout_p, enable_gqa):
                 k, v = (t.repeat_interleave(nh // t.size(1), dim=1) for t in (k, v))
             return ProbsAttention.apply(q, k, v)
         with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back
+            mask = mask if mask is None or mask.dtype == torch.bool else mask.float()  # an additive one
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                is_causal=is_causal, dropout_p=dropout_p,
                                                enable_gqa=enable_gqa)

@@ -106,7 +106,7 @@ def decode(model, token, cache, params):
         rope = model.rope_at(pos, 1)
     else:
         rope = model.rope_cos[pos], model.rope_sin[pos]
-    mask = cache.mask  # a StaticKVCache's filled slots: one comparison per step, not per layer
+    mask = cache.mask  # a StaticKVCache's filled slots (1, 1, 1, L): once per step, not per layer
     for layer, p in enumerate(params["blocks"]):
         qkv = linear(norm(x, p, "ln_1", cfg), p, "attn.c_attn").view(B, nh + 2 * nkv, 1, hs)
         q, k, v = qkv.split([nh, nkv, nkv], dim=1)  # (B, nh|nkv, 1, hs)
@@ -118,6 +118,8 @@ def decode(model, token, cache, params):
         if torch.compiler.is_compiling() and q.device.type == "cpu":  # FrozenDecode's step
             y = decode_attention(q, k, v, mask)
         else:  # one query sees the whole cache
+            if mask is not None and mask.dtype == torch.bool:  # SDPA would make this in every layer
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
             y = attention(q, k, v, mask, False, 0.0, nkv != nh)
         x = x + linear(y.view(B, nh * hs), p, "attn.c_proj")  # (B, nh, 1, hs) as (B, nh*hs)
         h = activate(cfg.mlp, linear(norm(x, p, "ln_2", cfg), p, "mlp.c_fc"))
