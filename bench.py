@@ -101,10 +101,11 @@ def proc_status(pid):
 
 
 def watch_descendants(root, seen, stop, interval=0.5):
-    """Record {pid: (VmHWM KiB, cmdline)} of root's descendants until stop is set. VmHWM is a
-    high-water mark, so a sample every `interval` loses at most the growth of a worker's last
-    half second; wait4 cannot do this job because it reports the max, not the sum, over a tree."""
-    while not stop.wait(interval):
+    """Record {pid: (VmHWM KiB, cmdline)} of root's descendants, and under key None the root's
+    own, until stop is set. VmHWM is a high-water mark, so a sample every `interval` loses at
+    most the growth of a process's last half second; wait4 cannot do this job because it
+    reports the max, not the sum, over a tree."""
+    while True:
         table = process_table()
         frontier, tree = [root], []
         while frontier:
@@ -112,17 +113,18 @@ def watch_descendants(root, seen, stop, interval=0.5):
             kids = [c for c, p in table.items() if p == pid]
             tree += kids
             frontier += kids
-        for pid in tree:
+        for key, pid in [(None, root)] + [(pid, pid) for pid in tree]:
             status = proc_status(pid)
             if status:
-                seen[pid] = status
+                seen[key] = status
+        if stop.wait(interval):
+            return
 
 
 def run_command(argv, env=None, echo=False, shell=False, stamps=None):
-    """Run to completion; return (exit code, output, ru_maxrss KiB, {pid: (VmHWM, cmd)} of
-    descendants, wall seconds). os.wait4 gives the peak RSS of the child (the kernel folds in
-    the max of the grandchildren it waited for, e.g. the python under a `bash -c`). `stamps`,
-    a list, receives (seconds since launch, line) for every line as it arrives."""
+    """Run to completion; return (exit code, output, peak RSS KiB of the process or of its
+    largest descendant, {pid: (VmHWM, cmd)} of descendants, wall seconds). `stamps`, a list,
+    receives (seconds since launch, line) for every line as it arrives."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, shell=shell, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -141,7 +143,16 @@ def run_command(argv, env=None, echo=False, shell=False, stamps=None):
     proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap it again
     stop.set()
     watcher.join()
-    return proc.returncode, "".join(lines), usage.ru_maxrss, seen, time.perf_counter() - t0
+    # wait4's ru_maxrss is exact (the kernel folds in the grandchildren it waited for) only
+    # above this process's own peak: Linux carries the peak of the memory a child leaves at
+    # exec into its ru_maxrss, and a child forked (or vforked) from here leaves ours. At or
+    # below it (read now: it only grows), the sampled high-water marks of the tree are the
+    # measurement.
+    peak = usage.ru_maxrss
+    if peak <= proc_status(os.getpid())[0]:
+        peak = max((hwm for hwm, _ in seen.values()), default=None)
+    seen.pop(None, None)
+    return proc.returncode, "".join(lines), peak, seen, time.perf_counter() - t0
 
 
 # -----------------------------------------------------------------------------
@@ -203,7 +214,7 @@ def summarize(records, warmup, maxrss_kib, seen, wall_s):
     cuda = [r["peak_cuda_mem_mb"] for r in records if r.get("peak_cuda_mem_mb") is not None]
     return {"iters_timed": len(timed), "ms_per_iter": median_of(timed, "ms"),
             "tokens_per_s": median_of(timed, "tokens_per_s"), "mfu": median_of(timed, "mfu"),
-            "data_wait_ms_per_iter": wait, "peak_rss_mb": maxrss_kib / 1024,
+            "data_wait_ms_per_iter": wait, "peak_rss_mb": maxrss_kib / 1024 if maxrss_kib else None,
             "workers_rss_sum_mb": sum(workers) / 1024 if workers else None,
             "workers": len(workers), "peak_cuda_mem_mb": max(cuda) if cuda else None,
             "wall_s": wall_s, "flops_per_iter": next((r["flops_per_iter"] for r in records
@@ -274,7 +285,7 @@ def aggregate(runs):
     """Median over rounds of each round's median, with every round kept for the spread."""
     keys = ("ms_per_iter", "tokens_per_s", "mfu", "data_wait_ms_per_iter", "floor_ms_per_iter", "floor_fraction")
     out = {k: spread([r[k] for r in runs])[0] for k in keys}
-    out["peak_rss_mb"] = max(peak_memory(r) for r in runs)
+    out["peak_rss_mb"] = max((m for m in map(peak_memory, runs) if m is not None), default=None)
     cuda = [r["peak_cuda_mem_mb"] for r in runs if r["peak_cuda_mem_mb"] is not None]
     out["peak_cuda_mem_mb"] = max(cuda) if cuda else None
     out["rounds"] = runs
@@ -296,7 +307,7 @@ def print_table(columns):
         cells = [fmt_spread([r[key] * scale if r[key] is not None else None for r in runs], spec)
                  for runs in columns.values()]
         print(f"{title:<20}" + "".join(f"{c:>30}" for c in cells))
-    cells = [fmt(max(peak_memory(r) for r in runs), ",.0f") for runs in columns.values()]
+    cells = [fmt(max((m for m in map(peak_memory, runs) if m is not None), default=None), ",.0f") for runs in columns.values()]
     print(f"{'peak RSS MiB':<20}" + "".join(f"{c:>30}" for c in cells))
     cells = [fmt_spread([r["peak_cuda_mem_mb"] for r in runs], ",.0f") for runs in columns.values()]
     print(f"{'peak CUDA MiB':<20}" + "".join(f"{c:>30}" for c in cells))

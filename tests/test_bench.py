@@ -187,6 +187,25 @@ def test_setting_order_and_env():
     assert "--log_interval=1" in args
 
 
+def test_peak_rss_is_the_child_s_not_the_bench_s():
+    """A child started from a large bench process reports its own peak, not ours (Linux carries
+    the memory a child leaves at exec into wait4's ru_maxrss), both below and above ours."""
+    held = bytearray(600 << 20)  # this process now peaks above 600 MiB
+    held[::4096] = b"x" * len(held[::4096])  # touched, so resident
+    small = [sys.executable, "-c", "import time; time.sleep(1.5)"]
+    large = [sys.executable, "-c", "import time; b = bytearray(900 << 20); b[::4096] = b'x' * len(b[::4096]); "
+             "time.sleep(1.5)"]
+    rc, _, small_kib, _, _ = bench.run_command(small)
+    assert rc == 0 and 1 << 10 < small_kib < 100 << 10, f"{small_kib / 1024:.0f} MiB"
+    rc, _, large_kib, _, _ = bench.run_command(large)
+    assert rc == 0 and 900 << 10 < large_kib < 1000 << 10, f"{large_kib / 1024:.0f} MiB"
+    # through a shell, the python under `sh -c` is measured, not the shell
+    rc, _, shell_kib, _, _ = bench.run_command(f"{sys.executable} -c 'import time; time.sleep(1.5)' && true",
+                                               shell=True)
+    assert rc == 0 and 1 << 10 < shell_kib < 100 << 10, f"{shell_kib / 1024:.0f} MiB"
+    del held
+
+
 def test_summary_data_wait():
     steps = [{"iter": i, "ms": 10.0 + i, "tokens_per_s": 100.0, "mfu": None,
               "data_wait_ms": 2.0 * (i + 1)} for i in range(6)]
