@@ -147,7 +147,7 @@ def run_command(argv, env=None, echo=False, shell=False, stamps=None):
     # above this process's own peak: Linux carries the peak of the memory a child leaves at
     # exec into its ru_maxrss, and a child forked (or vforked) from here leaves ours. At or
     # below it (read now: it only grows), the sampled high-water marks of the tree are the
-    # measurement.
+    # measurement: None for a command that ended before its first sample.
     peak = usage.ru_maxrss
     if peak <= proc_status(os.getpid())[0]:
         peak = max((hwm for hwm, _ in seen.values()), default=None)
