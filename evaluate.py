@@ -113,6 +113,11 @@ def main(s):
     model.eval().to(device)
     if s["compile"]:
         model.compile(dynamic=True)
+    # the tasks' files first: a download that fails ends the run before any scoring, not after it
+    paths = {"hellaswag": s["hellaswag_path"]}
+    fewshot = None if s["lm_eval_num_fewshot"] < 0 else s["lm_eval_num_fewshot"]
+    loaded = load_tasks([n for n in names if n != "val"], paths, tok, cfg.block_size, s["max_examples"], rank, ddp,
+                        s["lm_eval_include_path"], fewshot)
     out = {}
     if "val" in names and not data_dir and rank == 0:
         print(f"note: 'val' skipped: no dataset found for {source}; set --dataset or --data_dir", file=sys.stderr)
@@ -121,10 +126,6 @@ def main(s):
         token_bytes = token_byte_lengths(check_data_tokenizer(tok, meta, data_dir, source), cfg.vocab_size)
         out.update(estimate_loss(model, {"val": splits["val"]}, cfg.block_size, s["batch_size"], s["eval_iters"],
                                  ctx, device, rank, world_size, token_bytes))
-    paths = {"hellaswag": s["hellaswag_path"]}
-    fewshot = None if s["lm_eval_num_fewshot"] < 0 else s["lm_eval_num_fewshot"]
-    loaded = load_tasks([n for n in names if n != "val"], paths, tok, cfg.block_size, s["max_examples"], rank, ddp,
-                        s["lm_eval_include_path"], fewshot)
     out.update(score_tasks(loaded, model, s["batch_size"], ctx, device, rank, world_size))
     if rank == 0:
         print(f"{source}: {format_results(out)}")

@@ -8,6 +8,7 @@ EventAccumulator (also across a resume).
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -294,6 +295,24 @@ def test_command_offline_prints_one_line(char_data, tmp_path):
     assert p.returncode == 1
     line = one_error_line(p.stderr.replace(f"downloading {evaluation.HELLASWAG_URL} to {missing}\n", ""))
     assert f"could not download {evaluation.HELLASWAG_URL}" in line and f"put the file at {missing}" in line
+    assert line.endswith("or leave hellaswag out of the tasks")
+
+
+def test_command_fetches_tasks_before_scoring(char_data, tmp_path):
+    """The default tasks (val, hellaswag) offline: the download fails before val is estimated,
+    not after minutes of it. val here would fail on its own (a broken meta.json), so the error
+    that comes out says which went first."""
+    tok = char_tokenizer(char_data)
+    ckpt = save_char_checkpoint(tiny_gpt(tok.vocab_size), tmp_path / "ckpt.pt", tok, char_data)
+    broken = tmp_path / "broken"
+    shutil.copytree(char_data, broken)
+    (broken / "meta.json").write_text('{"broken')
+    missing = str(tmp_path / "hs" / "hellaswag_val.jsonl")
+    env = child_env(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
+    p = run_evaluate(f"--ckpt={ckpt}", f"--data_dir={broken}", f"--hellaswag_path={missing}", "--device=cpu", env=env)
+    assert p.returncode == 1 and p.stdout == ""
+    line = one_error_line(p.stderr.replace(f"downloading {evaluation.HELLASWAG_URL} to {missing}\n", ""))
+    assert f"could not download {evaluation.HELLASWAG_URL}" in line, line
 
 
 def test_command_matches_in_process(char_data, tmp_path):
@@ -392,7 +411,6 @@ def test_train_writes_tensorboard_and_resumes_its_curves(char_data, tmp_path):
     """train.py with tensorboard_log: loss, lr, grad norm every step, val loss, bpb and HellaSwag
     at evaluations, read back equal to metrics.jsonl. A run that went on past its checkpoint and
     is resumed from it with another learning rate replaces the old curves from there on."""
-    import shutil
     out, hs = str(tmp_path / "out"), write_hellaswag(tmp_path / "hs.jsonl", SHORT)
     run = dict(tensorboard_log=True, eval_tasks="hellaswag", hellaswag_path=hs, eval_interval=4,
                eval_tasks_interval=8, lr_decay_iters=8)
