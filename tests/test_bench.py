@@ -252,6 +252,18 @@ def test_sample_bad_model_setting_is_a_user_error():
         bench.sample_models({"n_embd": 64, "n_head": 6}, 0, None)
 
 
+@pytest.mark.parametrize("arg", ["--rounds=0", "--rounds=-1", "--repeats=0", "--nproc=0", "--warmup=-1",
+                                 "--temperature=nan", "--top_k=-1", "--tokens=0"])
+def test_counts_out_of_range_are_user_errors(arg):
+    """--rounds=-1 ended in an IndexError and --rounds=0 measured one round."""
+    with pytest.raises(UserError, match=f"^{arg.split('=')[0]}=.* must be >= "):
+        bench.parse_args([arg, "config/train_shakespeare_char.py"])
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), arg], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr
+    assert p.stderr.startswith(f"error: {arg.split('=')[0]}=")
+
+
 def test_sample_nanogpt_needs_a_checkout_and_its_architecture(tmp_path):
     from configurator import UserError
     models = bench.sample_models({"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}, 0, None)
