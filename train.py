@@ -272,7 +272,8 @@ if __name__ == "__main__":
         raise ConfigError(f"block_size={block_size} but the model has block_size {model.config.block_size}")
     lora_info = ckpt.get("lora") if ckpt is not None else None
     if lora_rank and init_from == "scratch":
-        raise ConfigError("lora_rank > 0 adapts a pretrained model: set init_from to an HF dir or gpt2*")
+        raise ConfigError("lora_rank > 0 adapts a pretrained model: set init_from to an HF dir or gpt2* (for "
+                          "a checkpoint of yours, python export.py --ckpt=OUT_DIR/ckpt.pt writes that dir)")
     if lora_rank and init_from not in ("scratch", "resume"):
         add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)  # the base frozen
         lora_info = {**model.lora, "base": os.path.abspath(init_from) if os.path.isdir(init_from) else init_from,

@@ -92,7 +92,8 @@ def test_lora_refuses_scratch_and_a_changed_base(lora_run, tmp_path):
     base, data, out = lora_run
     p = run_train(str(tmp_path / "o"), data, check=False, max_iters=2, **{**LORA, "n_layer": 1, "n_head": 2,
                                                                            "n_embd": 16})
-    assert p.returncode == 1 and "adapts a pretrained model" in one_error_line(p.stderr)
+    line = one_error_line(p.stderr)
+    assert p.returncode == 1 and "adapts a pretrained model" in line and "python export.py --ckpt=" in line
     ckpt = load_ckpt(out)
     ckpt["lora"]["base_fingerprint"] = "sha256:0"
     with pytest.raises(Exception, match="not the one these adapters were trained on"):
