@@ -54,7 +54,7 @@ import tempfile
 import threading
 import time
 
-from configurator import UserError, install_error_hook, parse_value
+from configurator import UserError, at_least, install_error_hook, parse_value
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(REPO, "train.py")
@@ -902,12 +902,12 @@ def parse_args(argv):
     p.add_argument("--verbose", action="store_true", help="show the training runs' output")
     args, rest = p.parse_known_args(argv)
     args.compare = compare
-    at_least = dict(rounds=1, warmup=0, nproc=1, num_samples=1, repeats=1, tokens=1, top_k=0, temperature=0,
-                    measure_mb=1, measure_n=1, lora=1)
-    for name, low in at_least.items():
-        value = getattr(args, name)
-        if value is not None and not value >= low:  # not >=: a NaN temperature fails too
-            raise UserError(f"--{name}={value} must be >= {low}")
+    lows = dict(rounds=1, warmup=0, nproc=1, num_samples=1, repeats=1, tokens=1, top_k=0, temperature=0,
+                measure_mb=1, measure_n=1, lora=1)
+    for name, low in lows.items():
+        value, (ok, expected) = getattr(args, name), at_least(low)  # train.py's rule for its own counts
+        if value is not None and not ok(value):
+            raise UserError(f"--{name}={value} must be {expected}")
     return args, rest
 
 
