@@ -49,7 +49,7 @@ from gpt_trainer.fsutil import write_failure  # noqa: E402
 from gpt_trainer.loading import checkpoint_data_dir  # noqa: E402
 from gpt_trainer.loading import load_model as load_model_for_inference  # noqa: E402
 from gpt_trainer.runtime import setup, teardown  # noqa: E402
-from gpt_trainer.tokenizer import tokenizer_from_meta  # noqa: E402
+from gpt_trainer.tokenizer import other_id, tokenizer_from_meta  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the standalone command
@@ -88,10 +88,10 @@ RULES = dict(
 def check_data_tokenizer(tok, meta, data_dir, source):
     """'val' on data encoded with another tokenizer than the model's gives a meaningless loss."""
     data_tok = tokenizer_from_meta(meta, data_dir)
-    fingerprints = [t.fingerprint() if hasattr(t, "fingerprint") else t.name for t in (data_tok, tok)]
-    if fingerprints[0] != fingerprints[1]:
+    why = other_id(tok, data_tok)
+    if why:
         raise DataError(f"{data_dir} was encoded with {data_tok.name} ({data_tok.vocab_size} tokens), but "
-                        f"{source} was trained with {tok.name} ({tok.vocab_size} tokens): its val loss "
+                        f"{source} was trained with {tok.name} ({tok.vocab_size} tokens), {why}: its val loss "
                         f"would mean nothing; pick a dataset prepared with the model's tokenizer")
     return data_tok
 

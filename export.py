@@ -54,12 +54,28 @@ def export_hf(ckpt_path, out_dir, adapter_dir=None):
         base.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))})
         export_model(base, os.path.join(adapter_dir, "base"), tokenizer, source=ckpt_path)
         export_chat_template(os.path.join(adapter_dir, "base"), meta, tokenizer)
+        export_chars(os.path.join(adapter_dir, "base"), meta)
         lora.export_adapter(model, adapter_dir, os.path.join(adapter_dir, "base"))
     if hasattr(model, "lora"):
         lora.merge(model)
     export_model(model, out_dir, tokenizer, source=ckpt_path)
     export_chat_template(out_dir, meta, tokenizer)
-    return model, kind if tokenizer else None
+    return model, kind if tokenizer or export_chars(out_dir, meta) else None
+
+
+def export_chars(out_dir, meta):
+    """A char-level checkpoint's characters, as meta.json (a char data dir's layout): HF has no
+    tokenizer for them, and without them the dir's ids mean nothing. train.py checks data for a
+    fine-tune against them, sample.py decodes with them, and prepare.py --encoding=char:OUT_DIR
+    encodes new data with them. Returns whether it wrote them."""
+    if meta.get("encoding") != "char" or "chars" not in meta:
+        return False
+    from gpt_trainer.tokenizer import CharTokenizer
+    tok = CharTokenizer(meta["chars"])
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump({**tok.meta(), "vocab_size": tok.vocab_size, "tokenizer_fingerprint": tok.fingerprint()}, f,
+                  ensure_ascii=False)
+    return True
 
 
 def export_chat_template(out_dir, meta, tokenizer):
@@ -83,6 +99,11 @@ def export_chat_template(out_dir, meta, tokenizer):
     tok.save_pretrained(out_dir)
 
 
+TOKENIZER_NOTE = {None: "no tokenizer (its data has no HF or GPT-2 one)",
+                  "char": "its characters in meta.json (for sample.py, train.py and prepare.py --encoding=char:DIR; "
+                          "transformers has no char tokenizer)"}
+
+
 def main(argv):
     s = configure({k: globals()[k] for k in SETTINGS}, argv, __file__)
     if s["consolidate"]:
@@ -94,7 +115,7 @@ def main(argv):
     with open(os.path.join(out, "config.json")) as f:
         arch = json.load(f)["architectures"][0]
     print(f"wrote {out}: {arch}, {n / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
-          f"{f'its {tokenizer} tokenizer' if tokenizer else 'no tokenizer (its data has no HF or GPT-2 one)'}; "
+          f"{TOKENIZER_NOTE.get(tokenizer, f'its {tokenizer} tokenizer')}; "
           f"load it with transformers.AutoModelForCausalLM.from_pretrained({out!r})")
 
 

@@ -33,7 +33,7 @@ from gpt_trainer.dataloader import BatchLoader, check_same_tokenizer, data_vocab
 from gpt_trainer.evaluation import (TASKS, Interrupted, estimate_loss, estimate_masked_loss, eval_tokenizer,
                                     format_results, load_tasks, parse_tasks, score_tasks, split_tasks,
                                     token_byte_lengths)
-from gpt_trainer.hf import GPT2_NAMES
+from gpt_trainer.hf import GPT2_NAMES, check_start_tokenizer
 from gpt_trainer.loading import build_any_model
 from gpt_trainer.lora import TARGETS as LORA_TARGETS, add_lora, base_fingerprint
 from gpt_trainer.metrics import MetricsLogger
@@ -226,6 +226,8 @@ if __name__ == "__main__":
     _, meta = open_dataset(data_dir, block_size, check_ids=False)
     task_names = parse_tasks(eval_tasks, "eval_tasks")
     tok = eval_tokenizer(meta, data_dir, required=bool(task_names), quiet=not master_process)
+    if init_from not in ("scratch", "resume", "auto"):  # pretrained weights: their ids must mean the data's
+        check_start_tokenizer(init_from, meta, data_dir, quiet=not master_process)
     tasks = load_tasks(task_names, {"hellaswag": hellaswag_path}, tok, block_size, eval_tasks_max, rank, ddp)
     # out_dir is this run's alone until it exits (a lock that dies with it); a run that does not
     # resume stops here, before writing anything, if out_dir holds another run's checkpoints

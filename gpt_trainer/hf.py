@@ -17,6 +17,7 @@ name, never dropped.
 """
 import json
 import os
+import sys
 
 import torch
 
@@ -304,12 +305,49 @@ def llama_from_hf(hf_dir, dropout=None):
 
 
 def hf_tokenizer(name_or_dir):
-    """The tokenizer of what gpt_from_hf loads: the directory's tokenizer.json when it has one,
-    else GPT-2's (tiktoken)."""
+    """The tokenizer of what gpt_from_hf loads (weights_tokenizer's), else GPT-2's (tiktoken)."""
     from gpt_trainer.tokenizer import get_tokenizer
-    if os.path.isdir(name_or_dir) and os.path.exists(os.path.join(name_or_dir, "tokenizer.json")):
+    return weights_tokenizer(name_or_dir) or get_tokenizer("gpt2")
+
+
+def weights_tokenizer(name_or_dir):
+    """The tokenizer the weights of gpt_from_hf(name_or_dir) were trained with: GPT-2's for
+    gpt2*, the directory's tokenizer.json, or the characters in the meta.json export.py writes
+    for a char-level checkpoint; None for a directory with neither."""
+    from gpt_trainer.dataloader import load_meta
+    from gpt_trainer.tokenizer import char_tokenizer_of, get_tokenizer
+    if not os.path.isdir(name_or_dir):
+        return get_tokenizer("gpt2")
+    if os.path.exists(os.path.join(name_or_dir, "tokenizer.json")):
         return get_tokenizer(f"hf:{name_or_dir}")
-    return get_tokenizer("gpt2")
+    if load_meta(name_or_dir).get("encoding") == "char":
+        return char_tokenizer_of(name_or_dir)
+    return None
+
+
+def check_start_tokenizer(init_from, meta, data_dir, quiet=False):
+    """Pretrained weights fine-tuned on data encoded with another tokenizer learn ids that
+    stand for other text, and nothing fails: refuse the start unless every id of the data's
+    tokenizer stands for the same bytes in the weights' (tokenizer.other_id). Weights of no
+    known tokenizer are not checked, nor data whose tokenizer cannot be loaded here (tiktoken's
+    cache offline), with a note."""
+    from gpt_trainer.errors import DataError
+    from gpt_trainer.tokenizer import other_id, tokenizer_from_meta
+    if not os.path.isdir(init_from) and meta.get("encoding", "gpt2") == "gpt2":
+        return  # GPT-2's weights on GPT-2 BPE data
+    try:
+        weights_tok, data_tok = weights_tokenizer(init_from), tokenizer_from_meta(meta, data_dir)
+    except DataError as e:
+        if not quiet:
+            print(f"note: {data_dir}'s tokenizer was not compared with {init_from}'s ({e})", file=sys.stderr)
+        return
+    why = weights_tok and other_id(weights_tok, data_tok)
+    if why:
+        use = ("gpt2" if not os.path.isdir(init_from) else
+               f"char:{init_from}" if weights_tok.name == "char" else f"hf:{init_from}")
+        raise HFError(f"{data_dir}'s tokenizer ({data_tok.name}, {data_tok.vocab_size:,} tokens) is not the one "
+                      f"{init_from} was trained with ({weights_tok.name}, {weights_tok.vocab_size:,} tokens): "
+                      f"{why}; prepare the data with --encoding={use}")
 
 
 # -----------------------------------------------------------------------------

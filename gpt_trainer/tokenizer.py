@@ -7,6 +7,8 @@ Encodings:
                 "<|endoftext|>" in a document stays text)
   bpe           a byte-level BPE trained by data/text/prepare.py, saved as tokenizer.json
   hf:DIR        the tokenizer.json of a Hugging Face model in DIR (meta.json: encoding 'hf')
+  char:DIR      the characters of DIR's meta.json: a char-level data dir, or the HF dir export.py
+                wrote for a char-level checkpoint (meta.json: encoding 'char', those characters)
 
 Documents: with tiktoken and bpe every document is followed by the end-of-text token; char
 has no such token, so a newline is added after a document that does not already end in one.
@@ -51,8 +53,8 @@ class _DocumentEncoder:
 class CharTokenizer(_DocumentEncoder):
     name, eot_token = "char", None
 
-    def __init__(self, chars):
-        self.chars = list(chars)
+    def __init__(self, chars, source=None):
+        self.chars, self.source = list(chars), source
         self.vocab_size = len(self.chars)
         codepoints = np.array([ord(c) for c in self.chars], dtype=np.int64)
         # codepoint -> id table; -1 marks characters outside the vocabulary, and so does the
@@ -71,8 +73,9 @@ class CharTokenizer(_DocumentEncoder):
         ids = self._lut[cps]
         if ids.min(initial=0) < 0:
             ch = text[int(np.argmax(ids < 0))]  # one code unit per character in both paths
-            raise DataError(f"character {ch!r} (U+{ord(ch):04X}) is not in this dataset's "
-                            f"vocabulary of {self.vocab_size} characters")
+            of = f" of {self.source}" if self.source else ""
+            raise DataError(f"character {ch!r} (U+{ord(ch):04X}) is not in the char vocabulary{of} "
+                            f"({self.vocab_size} characters)")
         return ids.astype(dtype_for_vocab(self.vocab_size))
 
     def encode(self, text):
@@ -196,7 +199,19 @@ def get_tokenizer(encoding):
                         f"load_tokenizer(data_dir) with the dir that has its meta.json")
     if encoding.startswith("hf:"):
         return HFTokenizer.from_dir(encoding[3:])
+    if encoding.startswith("char:"):
+        return char_tokenizer_of(encoding[5:])
     return TiktokenTokenizer(encoding)
+
+
+def char_tokenizer_of(path):
+    """The characters of a char-level data dir (ours or nanoGPT's) or of the HF dir export.py
+    wrote for a char-level checkpoint: new data for a model that knows only those characters."""
+    meta = load_meta(path) if os.path.isdir(path) else {}
+    if meta.get("encoding") != "char":
+        raise DataError(f"encoding char:{path}: {path} has no char-level meta.json (or nanoGPT meta.pkl); "
+                        f"name a char-level data dir, or the dir export.py wrote for a char-level checkpoint")
+    return CharTokenizer(meta["chars"], source=path)
 
 
 def tokenizer_from_meta(meta, data_dir=None):
@@ -232,6 +247,61 @@ def _tokenizer(meta, data_dir):
         return HFTokenizer(os.path.join(data_dir or ".", meta.get("tokenizer_file", "tokenizer.json")),
                            meta.get("tokenizer_json"), meta.get("tokenizer_config"))
     return get_tokenizer(encoding)
+
+
+def other_id(model_tok, data_tok):
+    """None when each id of data_tok stands for the same bytes in model_tok (which may have more
+    ids: a chat template's, padding), else where they first differ, in words."""
+    if model_tok.fingerprint() == data_tok.fingerprint():
+        return None
+    theirs, ours = token_table(model_tok), token_table(data_tok)
+    bad = next((i for i, piece in enumerate(ours) if i >= len(theirs) or theirs[i] != piece), None)
+    if bad is None:
+        return None
+    there = _show_piece(theirs[bad]) if bad < len(theirs) else "not there"
+    return f"id {bad} is {_show_piece(ours[bad])} in the data, {there} in the model"
+
+
+def _show_piece(piece):
+    if piece is None:
+        return "unused"
+    try:
+        return repr(piece.decode("utf-8"))
+    except UnicodeDecodeError:  # a part of a character
+        return repr(piece)
+
+
+def token_table(tok):
+    """The bytes each id stands for (None for an id left unused), comparable across libraries:
+    tiktoken's gpt2 gives the table of GPT-2's tokenizer.json."""
+    if isinstance(tok, CharTokenizer):
+        return [c.encode("utf-8") for c in tok.chars]
+    if isinstance(tok, TiktokenTokenizer):
+        return [_tiktoken_bytes(tok.enc, i) for i in range(tok.vocab_size)]
+    byte_of = _byte_level_bytes()
+    table = []
+    for i in range(tok.vocab_size):
+        piece = tok.tok.id_to_token(i)
+        if piece is not None and all(c in byte_of for c in piece):
+            table.append(bytes(byte_of[c] for c in piece))
+        else:
+            table.append(None if piece is None else piece.encode("utf-8"))
+    return table
+
+
+def _byte_level_bytes():
+    """Byte-level BPE (GPT-2's tokenizer.json) writes each byte as a printable character: the
+    printable bytes as themselves, the other 68 as U+0100 onwards in byte order. char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def _tiktoken_bytes(enc, i):
+    try:
+        return enc.decode_single_token_bytes(i)
+    except KeyError:  # e.g. cl100k_base leaves some ids below n_vocab unused
+        return None
 
 
 def load_tokenizer(data_dir):

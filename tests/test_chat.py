@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainutil import REPO, child_env, load_ckpt, one_error_line, read_metrics, run_train, step_losses
+from trainutil import REPO, char_data, child_env, load_ckpt, one_error_line, read_metrics, run_train, step_losses  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
 
@@ -433,3 +433,32 @@ def test_sft_loss_is_world_size_invariant(tmp_path, chat_data):
     np.testing.assert_allclose([a[i] for i in range(6)], [b[i] for i in range(6)], rtol=1e-5)
     for k, t in load_ckpt(one)["model"].items():
         torch.testing.assert_close(t, load_ckpt(two)["model"][k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_char_model_fine_tunes_only_on_its_own_characters(tmp_path, char_data):
+    """docs/chat.md's char-level path as commands: a char base exported, chat data prepared with
+    its own characters refused by train.py (one line, out_dir not created), the same data
+    prepared with --encoding=char:EXPORTED_DIR fine-tuned, and sample.py on the exported dir."""
+    from trainutil import TINY
+    base, hf_dir = str(tmp_path / "base"), str(tmp_path / "hf")
+    run_train(base, char_data, **{**TINY, "block_size": 64, "max_iters": 4})
+    p = subprocess.run([sys.executable, "export.py", f"--ckpt={base}/ckpt.pt", f"--out={hf_dir}"], cwd=REPO,
+                       env=child_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "its characters in meta.json" in p.stdout, p.stderr
+    convs = [{"messages": [{"role": "user", "content": "Who art thou?"},
+                           {"role": "assistant", "content": "A king, my lord."}]}] * 30
+    src = write_jsonl(tmp_path / "c.jsonl", convs)
+    prepare(f"--input={src}", "--encoding=char", f"--out_dir={tmp_path / 'own'}")
+    prepare(f"--input={src}", f"--encoding=char:{hf_dir}", f"--out_dir={tmp_path / 'based'}")
+    settings = {**TINY, "n_layer": None, "n_head": None, "n_embd": None, "block_size": 64, "max_iters": 3,
+                "init_from": hf_dir}
+    p = run_train(str(tmp_path / "ft_own"), str(tmp_path / "own"), check=False, **settings)
+    assert p.returncode == 1 and one_error_line(p.stderr).endswith(f"prepare the data with --encoding=char:{hf_dir}")
+    assert not os.path.exists(tmp_path / "ft_own")
+    run_train(str(tmp_path / "ft"), str(tmp_path / "based"), **settings)
+    assert load_ckpt(str(tmp_path / "ft"))["meta"]["chars"] == load_meta(char_data)["chars"]
+    p = subprocess.run([sys.executable, "sample.py", f"--init_from={hf_dir}", "--start=KING", "--num_samples=1",
+                        "--max_new_tokens=20", "--device=cpu"], cwd=REPO, env=child_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "KING" in p.stdout, p.stderr

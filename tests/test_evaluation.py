@@ -284,6 +284,25 @@ def run_evaluate(*args, env=None, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def test_val_of_an_hf_dir_takes_data_of_its_tokenizer_in_any_library(hf_gpt2, char_data, tmp_path):
+    """An HF GPT-2 directory with GPT-2's tokenizer.json scores 'val' of data encoded with
+    tiktoken's gpt2 (the same ids, another library's files); data of another tokenizer is refused,
+    naming the first id that means something else."""
+    from gpt_trainer import hf
+    data_dir, _ = gpt2_dataset(tmp_path / "gpt2data")
+    model_dir = str(tmp_path / "hf")
+    hf_gpt2[1].save_pretrained(model_dir)
+    hf.save_gpt2_tokenizer(model_dir, *hf.read_gpt2_tokenizer_files(), 64)
+    args = [f"--init_from={model_dir}", "--tasks=val", "--eval_iters=2", "--batch_size=2", "--device=cpu"]
+    p = run_evaluate(*args, f"--data_dir={data_dir}", f"--results={tmp_path / 'r.json'}")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["val_loss"] > 0
+    p = run_evaluate(*args, f"--data_dir={char_data}")
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]  # after transformers' progress bar of the weights
+    assert last.startswith("error: ") and "id 0 is '\\n' in the data, '!' in the model: its val loss" in last
+
+
 def test_command_offline_prints_one_line(char_data, tmp_path):
     """The real download, with the network cut (a proxy that refuses): one error line that names
     the official URL and where to put the file."""

@@ -4,6 +4,7 @@ save_pretrained (nothing is downloaded), imported, exported and compared logit b
 """
 import json
 import os
+import re
 from dataclasses import asdict
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 import export
 from gpt_trainer import hf
+from gpt_trainer.errors import HFError
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -149,6 +151,62 @@ def test_export_without_gpt2_meta_writes_no_tokenizer(tmp_path, hf_dir):
     assert not with_tokenizer
     files = set(os.listdir(tmp_path / "hf"))
     assert {"config.json", "model.safetensors"} <= files and "vocab.json" not in files
+
+
+# -----------------------------------------------------------------------------
+# a fine-tune's data must be encoded with the tokenizer its pretrained weights were trained with
+
+def test_token_tables_give_each_ids_bytes():
+    """token_table's pieces of an encoded text join into the text's bytes (byte-level BPE's
+    printable characters mapped back to bytes; characters; tiktoken in the test below)."""
+    from gpt_trainer.tokenizer import CharTokenizer, token_table, train_bpe
+    text = "Héllo wörld, 日本語!\n\t\x00 <|endoftext|> end"
+    bpe = train_bpe([text * 3, "hello world " * 20], 300)
+    for tok in (bpe, CharTokenizer(sorted(set(text)))):
+        table = token_table(tok)
+        assert len(table) == tok.vocab_size
+        assert b"".join(table[i] for i in tok.encode(text)) == text.encode("utf-8")
+    assert token_table(bpe)[bpe.eot_token] == b"<|endoftext|>"
+
+
+def test_tiktoken_gpt2_and_its_exported_tokenizer_json_have_one_table(tmp_path):
+    from gpt_trainer.tokenizer import get_tokenizer, token_table
+    gpt2_tiktoken()
+    hf.save_gpt2_tokenizer(str(tmp_path), *hf.read_gpt2_tokenizer_files(), 16)
+    ours, theirs = get_tokenizer("gpt2"), get_tokenizer(f"hf:{tmp_path}")
+    assert token_table(ours) == token_table(theirs)
+    text = "Hello wörld 日本\n\n  ü"
+    assert b"".join(token_table(ours)[i] for i in ours.encode(text)) == text.encode("utf-8")
+    hf.check_start_tokenizer(str(tmp_path), {"encoding": "gpt2"}, "data/gpt2")  # tiktoken data, the same ids
+    char_data = {"encoding": "char", "chars": list("\n abc"), "vocab_size": 5}
+    with pytest.raises(HFError, match=r"data/c's tokenizer \(char, 5 tokens\) is not the one .* \(hf, 50,257 tokens\): "
+                       r"id 0 is '\\n' in the data, '!' in the model; prepare the data with --encoding=hf:"):
+        hf.check_start_tokenizer(str(tmp_path), char_data, "data/c")
+
+
+def test_exported_char_model_keeps_its_characters(tmp_path, hf_dir):
+    """A char-level checkpoint exports its characters (meta.json, a char data dir's layout): the
+    dir samples with them, and a fine-tune on data of other characters is refused, naming the
+    first id that means something else and the encoding that fits."""
+    chars = list("\n abc")
+    model = GPT(GPTConfig(block_size=16, vocab_size=len(chars), n_layer=1, n_head=2, n_embd=16))
+    ckpt = save_ours(model, str(tmp_path / "ckpt.pt"), meta={"encoding": "char", "chars": chars, "vocab_size": 5})
+    base = str(tmp_path / "hf")
+    assert export.export_hf(ckpt, base)[1] == "char"
+    assert hf.hf_tokenizer(base).chars == chars  # sample.py's tokenizer for --init_from=DIR
+    check = hf.check_start_tokenizer
+
+    def data(c):
+        return {"encoding": "char", "chars": list(c), "vocab_size": len(c)}
+    check(base, data("\n abc"), "d")
+    check(base, data("\n ab"), "d")  # fewer characters, each id the same one
+    with pytest.raises(HFError, match=r"id 2 is 'b' in the data, 'a' in the model; prepare the data with "
+                                      rf"--encoding=char:{re.escape(base)}$"):
+        check(base, data("\n bc"), "d")
+    with pytest.raises(HFError, match=r"id 5 is 'd' in the data, not there in the model"):
+        check(base, data("\n abcd"), "d")
+    for other in ("\n bc", "xyz"):
+        check(hf_dir[0], data(other), "d")  # weights of no known tokenizer: nothing to compare
 
 
 @pytest.mark.parametrize("option, value", [

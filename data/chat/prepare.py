@@ -9,9 +9,11 @@ Prepare conversations for supervised fine-tuning (train.py with a chat data dir,
                chat data ({"messages": [{"role", "content"}]}), ShareGPT ({"conversations":
                [{"from", "value"}]}) or Alpaca ({"instruction", "input", "output"})
 --ext          what a directory contributes (default jsonl,json,parquet)
---encoding     char | gpt2 | any tiktoken encoding | bpe:N: our default chat template, four
-               special ids after the vocabulary (chat_template.py); hf:DIR: the tokenizer and
-               chat_template of the Hugging Face model in DIR
+--encoding     char | gpt2 | any tiktoken encoding | bpe:N | char:DIR (the characters of a char
+               data dir, or of the dir export.py wrote for a char-level checkpoint: data to
+               fine-tune it on): our default chat template, four special ids after the
+               vocabulary (chat_template.py); hf:DIR: the tokenizer and chat_template of the
+               Hugging Face model in DIR
 --val_fraction share of the conversations that go to val (default 0.1, at least one)
 --seed         which conversations go to val (default 1337)
 --errors       strict | skip | replace: a record that is not a conversation, not valid JSON or not

@@ -10,7 +10,10 @@ Prepare any text corpus for training:
                (default txt,jsonl; e.g. --ext=py,md or --ext='test_*.py'). A file named
                on the command line is taken whatever its name.
 --encoding     char | gpt2 | cl100k_base | any tiktoken encoding | bpe:N (train a byte-level
-               BPE with N tokens on the train split, saved as <out_dir>/tokenizer.json)
+               BPE with N tokens on the train split, saved as <out_dir>/tokenizer.json) |
+               hf:DIR (the tokenizer.json of the Hugging Face model in DIR) | char:DIR (the
+               characters of a char data dir, or of the dir export.py wrote for a char-level
+               checkpoint)
 --val_fraction share of the documents that go to val.bin (default 0.1)
 --seed         which documents go to val (default 1337)
 --text_field   the field holding the text in JSON records, parquet rows and HF datasets;
