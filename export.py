@@ -26,7 +26,7 @@ from gpt_trainer import checkpoint, lora  # noqa: E402
 from gpt_trainer.chat_template import DEFAULT_JINJA, SPECIALS  # noqa: E402
 from gpt_trainer.errors import HFError  # noqa: E402
 from gpt_trainer.hf import checkpoint_tokenizer_files, export_model, read_gpt2_tokenizer_files  # noqa: E402
-from gpt_trainer.loading import build_any_model  # noqa: E402
+from gpt_trainer.loading import build_any_model, checkpoint_meta  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def export_hf(ckpt_path, out_dir, adapter_dir=None):
     model = build_any_model(ckpt, ckpt_path)
     if adapter_dir and not hasattr(model, "lora"):
         raise HFError(f"{ckpt_path} was not trained with LoRA (lora_rank=0): it has no adapter to export")
-    meta = ckpt.get("meta") or {}
+    meta = checkpoint_meta(ckpt)[0]  # a nanoGPT checkpoint's from its data dir (data/<dataset>/meta.pkl)
     tokenizer, kind = checkpoint_tokenizer_files(meta), meta.get("encoding")
     from_gpt2 = str((ckpt.get("config") or {}).get("init_from", "")).startswith("gpt2")
     if tokenizer is None and (kind == "gpt2" or from_gpt2):

@@ -19,10 +19,16 @@ def checkpoint_data_dir(config):
     return config.get("data_dir") or os.path.join("data", config.get("dataset", ""))
 
 
-def checkpoint_tokenizer(checkpoint):
-    """The tokenizer of the data the checkpoint was trained on (its meta, else its data dir)."""
+def checkpoint_meta(checkpoint):
+    """(meta, data dir) of the data the checkpoint was trained on: its own meta, else (nanoGPT's
+    checkpoints record none) its data dir's meta.json or meta.pkl, else {}."""
     data_dir = checkpoint_data_dir(checkpoint.get("config") or {})
-    meta = checkpoint.get("meta") or (load_meta(data_dir) if os.path.isdir(data_dir) else {})
+    return checkpoint.get("meta") or (load_meta(data_dir) if os.path.isdir(data_dir) else {}), data_dir
+
+
+def checkpoint_tokenizer(checkpoint):
+    """The tokenizer of the data the checkpoint was trained on (checkpoint_meta's)."""
+    meta, data_dir = checkpoint_meta(checkpoint)
     if not meta:
         print("note: the checkpoint records no tokenizer; assuming GPT-2's", file=sys.stderr)
     return tokenizer_from_meta(meta, data_dir)

@@ -116,6 +116,24 @@ def test_nanogpt_checkpoint_is_nanogpts_model(tmp_path, bias):
         assert (tanh(idx, all_logits=True)[0] - ref).abs().max().item() > 1e-5, "the test tells the GELUs apart"
 
 
+def test_export_finds_a_nanogpt_checkpoints_characters_in_its_meta_pkl(tmp_path, monkeypatch):
+    """nanoGPT's checkpoints record no vocabulary: export.py takes it from where nanoGPT's
+    sample.py does (data/<dataset>/meta.pkl), so the exported dir decodes with its characters."""
+    import pickle
+
+    import export
+    from gpt_trainer import hf
+    monkeypatch.chdir(tmp_path)
+    chars = [chr(ord(" ") + i) for i in range(ARGS["vocab_size"])]
+    os.makedirs(os.path.join("data", "shakespeare_char"))
+    with open(os.path.join("data", "shakespeare_char", "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    torch.save(nanogpt_checkpoint(ARGS)[0], "ckpt.pt")
+    assert export.export_hf("ckpt.pt", "hf")[1] == "char"
+    assert hf.hf_tokenizer("hf").chars == chars
+
+
 def test_a_resumed_nanogpt_checkpoint_keeps_its_gelu(tmp_path):
     """What train.py does on resume: settings and model from the checkpoint, then saves
     nanoGPT's model_args (so nanoGPT still reads it) and gpt_config with the exact GELU."""
