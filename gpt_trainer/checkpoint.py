@@ -222,6 +222,16 @@ def strip_prefixes(state_dict):
     return out
 
 
+def refused_object(e):
+    """(the Python object torch.load(weights_only=True) refused to build, or None, and why it
+    stopped): with none named the file is no pickle at all (e.g. a train.bin given as one)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    found = next((line for line in lines if "GLOBAL" in line or "global" in line), None)
+    # torch's own reason follows its "WeightsUnpickler error:" line
+    reason = next((lines[i + 1] for i, x in enumerate(lines[:-1]) if "WeightsUnpickler" in x), "not a pickle")
+    return found, reason[:200]
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint with weights_only=True: a file someone handed you cannot run code."""
     if not os.path.exists(path):
@@ -230,10 +240,13 @@ def load_checkpoint(path, map_location="cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message advises weights_only=False, i.e. running whatever the file holds
-        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line]
-        raise CheckpointError(f"{path} holds Python objects other than tensors and plain types "
-                              f"({found[0] if found else 'see torch.load weights_only'}), so it was not "
-                              f"loaded; a checkpoint of this project or nanoGPT never does")
+        found, reason = refused_object(e)
+        if found:
+            raise CheckpointError(f"{path} holds Python objects other than tensors and plain types "
+                                  f"({found}), so it was not loaded; a checkpoint of this project or "
+                                  f"nanoGPT never does")
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({reason}); it is truncated, "
+                              f"corrupt or not a checkpoint of this project")
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({reason}); it is truncated, "

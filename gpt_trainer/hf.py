@@ -152,8 +152,13 @@ def gpt2_from_hf(name_or_dir, dropout=None):
     config = config_from_hf(hf_config, name_or_dir, dropout)
     try:
         hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
         # transformers reads pytorch_model.bin with weights_only=True; its message advises False
+        from gpt_trainer.checkpoint import refused_object
+        found, reason = refused_object(e)
+        if not found:
+            raise HFError(f"{name_or_dir}: the weights file cannot be read ({reason}); it is truncated or "
+                          f"corrupt, download it again")
         raise HFError(f"{name_or_dir}: the weights file holds Python objects other than tensors, so it was "
                       f"not loaded (it could run code); ask for a safetensors copy")
     except (OSError, ValueError, RuntimeError) as e:

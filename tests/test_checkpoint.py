@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -278,6 +279,17 @@ def test_checkpoint_with_objects_does_not_advise_weights_only_false(tmp_path):
         checkpoint.load_checkpoint(path)
     assert path in str(e.value) and "posix.getcwd" in str(e.value)
     assert "weights_only" not in str(e.value).replace("see torch.load weights_only", "")
+
+
+@pytest.mark.parametrize("content", [np.arange(3000, dtype=np.uint16).tobytes(), b"First Citizen:\nBefore we proceed"])
+def test_a_file_that_is_no_checkpoint_is_not_called_one_with_objects(tmp_path, content):
+    """A token file or text given as --ckpt: weights_only's unpickler refuses it as it refuses a
+    pickled object, but it holds none, and the line says what it is."""
+    path = tmp_path / "train.bin"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"{path} cannot be read as a checkpoint \(Unsupported operand \d+\); "
+                                              r"it is truncated, corrupt or not a checkpoint"):
+        checkpoint.load_checkpoint(str(path))
 
 
 SAVE_SCRIPT = """

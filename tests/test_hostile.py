@@ -511,6 +511,10 @@ def test_hf_directories_that_lie(tmp_path):
     torch.save({"x": subprocess.Popen}, evil / "pytorch_model.bin")  # a global: refused by weights_only
     with pytest.raises(HFError, match=r"evil: the weights file holds Python objects other than tensors"):
         gpt_from_hf(str(evil))
+    (evil / "pytorch_model.bin").write_bytes(b"<html>rate limited</html>" * 20)  # a bad download: no object
+    with pytest.raises(HFError, match=r"evil: the weights file cannot be read \(Unsupported operand \d+\); it is "
+                                      r"truncated or corrupt, download it again"):
+        gpt_from_hf(str(evil))
 
 
 def test_hf_export_onto_a_file_is_refused(tmp_path, char_ckpt):
