@@ -100,6 +100,22 @@ def scalars(record):
             if k != "iter" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def start_wandb(project, name, config):
+    """wandb, with a run started; a run it cannot start (not logged in, offline) is a UserError
+    naming the ways on, before the first step rather than a traceback."""
+    import wandb
+    try:
+        wandb.init(project=project, name=name, config=config)
+    except wandb.errors.Error as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UserError(f"wandb_log=True but wandb could not start a run ({reason}); run `wandb login`, "
+                        f"or set WANDB_MODE=offline to keep the run in ./wandb for `wandb sync`, or drop "
+                        f"wandb_log (metrics.jsonl in out_dir has every number)")
+    for group in ("train", "perf", "eval"):
+        wandb.define_metric(f"{group}/*", step_metric="iter")
+    return wandb
+
+
 class MetricsLogger:
     """Every record goes to out_dir/metrics.jsonl, and its numbers to wandb and TensorBoard
     (out_dir/tensorboard) when asked, at step record['iter']. A run starting at start_iter first
@@ -108,15 +124,10 @@ class MetricsLogger:
 
     def __init__(self, out_dir, start_iter, config=None, wandb_log=False, wandb_project="",
                  wandb_run_name="", tensorboard=False):
+        self.wandb = start_wandb(wandb_project, wandb_run_name, config) if wandb_log else None
         self.path = os.path.join(out_dir, METRICS)
         truncate_metrics(self.path, start_iter)
-        self.wandb = self.tb = None
-        if wandb_log:
-            import wandb
-            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-            for group in ("train", "perf", "eval"):
-                wandb.define_metric(f"{group}/*", step_metric="iter")
-            self.wandb = wandb
+        self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_iter)

@@ -430,6 +430,22 @@ def test_wandb_offline(tmp_path, char_data):
     assert sorted(step_losses(read_metrics(out))) == [0, 1, 2], "metrics.jsonl is written as well"
 
 
+def test_wandb_not_logged_in_is_one_line_before_the_first_step(tmp_path, char_data):
+    """wandb_log=True online with no API key (and no terminal to ask for one): one line that
+    names the ways on, not wandb's traceback."""
+    from trainutil import child_env, one_error_line
+    env = child_env(HOME=str(tmp_path / "home"), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"),
+                    WANDB_DIR=str(tmp_path), WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"))
+    for key in ("WANDB_MODE", "WANDB_API_KEY"):
+        env.pop(key, None)
+    out = str(tmp_path / "out")
+    p = run_train(out, char_data, wandb_log=True, max_iters=2, env=env, check=False, timeout=240)
+    assert p.returncode == 1 and "iter 0" not in p.stdout
+    line = one_error_line(p.stderr)
+    assert line.startswith("error: wandb_log=True but wandb could not start a run (") and "`wandb login`" in line
+    assert "WANDB_MODE=offline" in line
+
+
 @pytest.mark.parametrize("config_file", ["train_shakespeare_char.py", "speedrun_shakespeare_char_cpu.py",
                                          "train_llama_shakespeare.py", "train_gpt2.py"])
 @pytest.mark.slow
