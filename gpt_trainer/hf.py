@@ -352,7 +352,8 @@ def check_start_tokenizer(init_from, meta, data_dir, quiet=False):
                f"char:{init_from}" if weights_tok.name == "char" else f"hf:{init_from}")
         raise HFError(f"{data_dir}'s tokenizer ({data_tok.name}, {data_tok.vocab_size:,} tokens) is not the one "
                       f"{init_from} was trained with ({weights_tok.name}, {weights_tok.vocab_size:,} tokens): "
-                      f"{why}; prepare the data with --encoding={use}")
+                      f"{why}; prepare the data with --encoding={use} (data/text/prepare.py, or "
+                      f"data/chat/prepare.py for conversations)")
 
 
 # -----------------------------------------------------------------------------

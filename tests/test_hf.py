@@ -182,6 +182,10 @@ def test_tiktoken_gpt2_and_its_exported_tokenizer_json_have_one_table(tmp_path):
     with pytest.raises(HFError, match=r"data/c's tokenizer \(char, 5 tokens\) is not the one .* \(hf, 50,257 tokens\): "
                        r"id 0 is '\\n' in the data, '!' in the model; prepare the data with --encoding=hf:"):
         hf.check_start_tokenizer(str(tmp_path), char_data, "data/c")
+    hf.check_start_tokenizer("gpt2-medium", {"encoding": "gpt2"}, "data/gpt2")
+    with pytest.raises(HFError, match=r"is not the one gpt2 was trained with \(gpt2, 50,257 tokens\): .* "
+                                      r"--encoding=gpt2 \(data/text/prepare.py"):
+        hf.check_start_tokenizer("gpt2", char_data, "data/c")  # nanoGPT's finetune recipe on shakespeare_char
 
 
 def test_exported_char_model_keeps_its_characters(tmp_path, hf_dir):
@@ -201,7 +205,7 @@ def test_exported_char_model_keeps_its_characters(tmp_path, hf_dir):
     check(base, data("\n abc"), "d")
     check(base, data("\n ab"), "d")  # fewer characters, each id the same one
     with pytest.raises(HFError, match=r"id 2 is 'b' in the data, 'a' in the model; prepare the data with "
-                                      rf"--encoding=char:{re.escape(base)}$"):
+                                      rf"--encoding=char:{re.escape(base)} \(data/text/prepare.py"):
         check(base, data("\n bc"), "d")
     with pytest.raises(HFError, match=r"id 5 is 'd' in the data, not there in the model"):
         check(base, data("\n abcd"), "d")
