@@ -152,8 +152,10 @@ def hf_tokenizer_from_dir(hf_dir):
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(hf_dir)
-    except (OSError, ValueError) as e:
-        raise ChatError(f"{hf_dir}: transformers cannot load its tokenizer ({str(e).splitlines()[0]})")
+    except Exception as e:  # a damaged tokenizer file surfaces as any exception (KeyError, bare Exception)
+        reason = str(e).splitlines()[0] if str(e).strip() else ""
+        raise ChatError(f"{hf_dir}: transformers cannot load its tokenizer ({type(e).__name__}"
+                        f"{': ' + reason if reason else ''}); check its tokenizer.json and tokenizer_config.json")
 
 
 def hf_tokenizer_from_meta(meta):

@@ -133,7 +133,12 @@ class BPETokenizer(_DocumentEncoder):
             with open(path, "rb") as f:  # bytes: the fingerprint is of the file as written
                 json_text = f.read().decode("utf-8")
         self.json_text = json_text
-        self.tok = Tokenizer.from_str(json_text)
+        try:
+            self.tok = Tokenizer.from_str(json_text)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            where = path if path else "the tokenizer.json embedded in the checkpoint"
+            raise DataError(f"{where}: the tokenizers library cannot read it ({str(e)[:200]}); it is damaged or "
+                            f"from a newer tokenizers: copy it again or upgrade tokenizers")
         self.tok.encode_special_tokens = True  # a literal "<|endoftext|>" in text stays text
         self.vocab_size = self.tok.get_vocab_size()
         self.eot_token = self.tok.token_to_id(EOT)

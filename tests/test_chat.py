@@ -130,6 +130,17 @@ def test_bad_records_strict_names_them_and_skip_counts_them(tmp_path):
     assert sum(meta["source"]["conversations"].values()) == len(good)
 
 
+def test_an_hf_dir_with_a_damaged_tokenizer_is_one_line(tmp_path):
+    from gpt_trainer.chat_template import ChatError, hf_tokenizer_from_dir
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nope"}}')
+    with pytest.raises(ChatError, match=rf"{tmp_path}: transformers cannot load its tokenizer \(\w+.*\); check "
+                                        r"its tokenizer.json"):
+        hf_tokenizer_from_dir(str(tmp_path))  # chat.py --hf=DIR, data/chat/prepare.py --encoding=hf:DIR
+    p = prepare(f"--input={write_jsonl(tmp_path / 'c.jsonl', [{'messages': CONVERSATION}] * 2)}",
+                f"--encoding=hf:{tmp_path}", f"--out_dir={tmp_path / 'd'}", check=False)
+    assert p.returncode == 1 and "transformers cannot load its tokenizer" in one_error_line(p.stderr)
+
+
 def test_failed_prepare_leaves_the_old_data_dir(tmp_path):
     out = tmp_path / "d"
     prepare(f"--input={write_jsonl(tmp_path / 'a.jsonl', LAYOUTS * 2)}", "--encoding=char", f"--out_dir={out}")

@@ -213,6 +213,16 @@ def test_exported_char_model_keeps_its_characters(tmp_path, hf_dir):
         check(hf_dir[0], data(other), "d")  # weights of no known tokenizer: nothing to compare
 
 
+def test_an_unreadable_tokenizer_json_is_one_line_and_a_start_goes_on_unchecked(tmp_path, capsys):
+    from gpt_trainer.errors import DataError
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nope"}}')
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / 'tokenizer.json'))}: the tokenizers library "
+                                        r"cannot read it \(.*\); it is damaged or from a newer tokenizers"):
+        hf.hf_tokenizer(str(tmp_path))  # sample.py --init_from=DIR
+    hf.check_start_tokenizer(str(tmp_path), {"encoding": "char", "chars": ["a"], "vocab_size": 1}, "d")
+    assert "note: d's tokenizer was not compared with" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option, value", [
     ("mlp", "swiglu"), ("mlp", "relu2"), ("norm", "rmsnorm"), ("n_kv_head", 1),
     ("qk_norm", True), ("tie_embeddings", False), ("logit_softcap", 30.0), ("head_dim", 16)])
