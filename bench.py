@@ -90,10 +90,13 @@ def process_table():
 
 
 def proc_status(pid):
-    """(VmHWM in KiB, command line) of a live process, or None once it is gone."""
+    """(VmHWM in KiB, command line) of a live process, or None once it is gone (a zombie, which
+    has exited but is not yet reaped, has no VmHWM: its last sample stands)."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            hwm = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+            hwm = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+        if hwm is None:
+            return None
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return hwm, f.read().replace(b"\0", b" ").decode(errors="replace")
     except (OSError, ValueError):

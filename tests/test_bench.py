@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -205,6 +206,25 @@ def test_peak_rss_is_the_child_s_not_the_bench_s():
                                                shell=True)
     assert rc == 0 and 1 << 10 < shell_kib < 100 << 10, f"{shell_kib / 1024:.0f} MiB"
     del held
+
+
+def test_an_exited_child_keeps_its_sampled_peak():
+    """Between its exit and wait4 a child is a zombie whose status has no VmHWM; a sample taken
+    then must not replace its peak with 0 (the 0 MiB peaks seen on a loaded machine)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert wait_for_state(proc.pid, "Z")
+    assert bench.proc_status(proc.pid) is None
+    proc.wait()
+
+
+def wait_for_state(pid, state, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == state:
+                return True
+        time.sleep(0.01)
+    return False
 
 
 def test_summary_data_wait():
