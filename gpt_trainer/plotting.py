@@ -5,6 +5,7 @@ one curve (metrics.series); damaged lines are dropped with a warning naming them
 """
 import io
 import os
+import sys
 
 from gpt_trainer.errors import UserError
 from gpt_trainer.metrics import read_metrics, series
@@ -23,6 +24,12 @@ def load_runs(dirs):
             what = "does not exist" if not os.path.exists(d) else "has no metrics.jsonl (train.py writes one)"
             raise UserError(f"{d} {what}; give the out_dir of a run")
         runs[d] = read_metrics(d)
+    empty = [d for d, records in runs.items() if not records]
+    if len(empty) == len(runs):
+        raise UserError(f"{empty[0]}/metrics.jsonl has no records yet (train.py appends one per logged "
+                        f"iteration); nothing to plot")
+    for d in empty:
+        print(f"warning: {d}/metrics.jsonl has no records yet; plotting the other runs", file=sys.stderr)
     return runs
 
 

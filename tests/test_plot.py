@@ -127,3 +127,16 @@ def test_missing_run_is_named(two_runs):
         with pytest.raises(UserError, match=f"{missing} {words}"):
             plot.plot([a, missing], out=str(tmp / "never.png"))
     assert not os.path.exists(tmp / "never.png")
+
+
+def test_a_run_with_no_records_yet_is_said(two_runs, capsys):
+    """A run started but not yet logged: alone it is an error (no empty picture), beside others a
+    warning, and the others are plotted."""
+    (a, _), tmp = two_runs
+    empty = write_run(tmp / "out-new", [])
+    with pytest.raises(UserError, match=f"{empty}/metrics.jsonl has no records yet"):
+        plot.plot([empty], out=str(tmp / "never.png"))
+    assert not os.path.exists(tmp / "never.png")
+    plot.plot([a, empty], out=str(tmp / "both.png"))
+    assert os.path.exists(tmp / "both.png")
+    assert f"warning: {empty}/metrics.jsonl has no records yet" in capsys.readouterr().err
