@@ -17,6 +17,7 @@ import torch
 from configurator import configure, install_error_hook
 from gpt_trainer.chat_template import ChatError, HFChat, chat_from_meta, hf_tokenizer_from_dir
 from gpt_trainer.checkpoint import inference_path, load_checkpoint
+from gpt_trainer.dataloader import load_meta
 from gpt_trainer.loading import build_any_model
 from gpt_trainer.cpu_kernels import decoding
 from gpt_trainer.generate import decode, decode_params, sample_next
@@ -44,7 +45,11 @@ def load(out_dir, ckpt="auto", hf=""):
     """(model, chat template, source) from an HF dir or one of our checkpoints."""
     if hf:
         from gpt_trainer.hf import gpt_from_hf
-        chat = HFChat(hf_tokenizer_from_dir(hf), hf)  # a ChatError before the weights are read
+        meta = load_meta(hf)  # a char-level model's characters and template, as export.py writes them
+        if meta.get("encoding") == "char":
+            chat = chat_from_meta(meta, hf, source=hf)
+        else:
+            chat = HFChat(hf_tokenizer_from_dir(hf), hf)  # a ChatError before the weights are read
         return gpt_from_hf(hf), chat, hf
     ckpt = inference_path(out_dir, ckpt)
     checkpoint = load_checkpoint(ckpt)

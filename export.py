@@ -66,15 +66,17 @@ def export_hf(ckpt_path, out_dir, adapter_dir=None):
 def export_chars(out_dir, meta):
     """A char-level checkpoint's characters, as meta.json (a char data dir's layout): HF has no
     tokenizer for them, and without them the dir's ids mean nothing. train.py checks data for a
-    fine-tune against them, sample.py decodes with them, and prepare.py --encoding=char:OUT_DIR
-    encodes new data with them. Returns whether it wrote them."""
+    fine-tune against them, sample.py decodes with them, prepare.py --encoding=char:OUT_DIR
+    encodes new data with them, and chat.py --hf=OUT_DIR takes the chat template beside them.
+    Returns whether it wrote them."""
     if meta.get("encoding") != "char" or "chars" not in meta:
         return False
     from gpt_trainer.tokenizer import CharTokenizer
     tok = CharTokenizer(meta["chars"])
+    chat = {"chat": meta["chat"]} if meta.get("chat") else {}  # chat.py --hf=OUT_DIR talks with its template
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump({**tok.meta(), "vocab_size": tok.vocab_size, "tokenizer_fingerprint": tok.fingerprint()}, f,
-                  ensure_ascii=False)
+        json.dump({**tok.meta(), "vocab_size": tok.vocab_size, "tokenizer_fingerprint": tok.fingerprint(), **chat},
+                  f, ensure_ascii=False)
     return True
 
 
@@ -100,8 +102,8 @@ def export_chat_template(out_dir, meta, tokenizer):
 
 
 TOKENIZER_NOTE = {None: "no tokenizer (its data has no HF or GPT-2 one)",
-                  "char": "its characters in meta.json (for sample.py, train.py and prepare.py --encoding=char:DIR; "
-                          "transformers has no char tokenizer)"}
+                  "char": "its characters in meta.json (for sample.py, train.py, chat.py and prepare.py "
+                          "--encoding=char:DIR; transformers has no char tokenizer)"}
 
 
 def main(argv):

@@ -473,3 +473,13 @@ def test_char_model_fine_tunes_only_on_its_own_characters(tmp_path, char_data):
                         "--max_new_tokens=20", "--device=cpu"], cwd=REPO, env=child_env(), capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0 and "KING" in p.stdout, p.stderr
+    # the chat model exported: chat.py talks to the dir as to the checkpoint (the same weights)
+    ft_hf = str(tmp_path / "ft_hf")
+    p = subprocess.run([sys.executable, "export.py", f"--ckpt={tmp_path / 'ft'}/ckpt.pt", f"--out={ft_hf}"], cwd=REPO,
+                       env=child_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    replies = [subprocess.run([sys.executable, "chat.py", source, "--prompt=Who art thou?", "--max_new_tokens=30",
+                               "--device=cpu"], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+               for source in (f"--out_dir={tmp_path / 'ft'}", f"--hf={ft_hf}")]
+    assert all(r.returncode == 0 for r in replies), [r.stderr for r in replies]
+    assert replies[0].stdout == replies[1].stdout
