@@ -150,6 +150,9 @@ def gpt2_from_hf(name_or_dir, dropout=None):
     except Exception as e:  # transformers' validation of config.json's values
         raise HFError(f"{name_or_dir}: config.json is not valid ({last_line(e)})")
     config = config_from_hf(hf_config, name_or_dir, dropout)
+    from transformers.utils import logging as hf_logging
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar is no news on stderr, where errors go
     try:
         hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
     except pickle.UnpicklingError as e:
@@ -163,6 +166,9 @@ def gpt2_from_hf(name_or_dir, dropout=None):
                       f"not loaded (it could run code); ask for a safetensors copy")
     except (OSError, ValueError, RuntimeError) as e:
         raise HFError(f"cannot load the weights of {name_or_dir!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     model = GPT(config)
     try:
         model.load_state_dict(convert_state_dict(hf_model.state_dict()))

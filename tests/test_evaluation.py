@@ -299,8 +299,7 @@ def test_val_of_an_hf_dir_takes_data_of_its_tokenizer_in_any_library(hf_gpt2, ch
     assert json.loads((tmp_path / "r.json").read_text())["val_loss"] > 0
     p = run_evaluate(*args, f"--data_dir={char_data}")
     assert p.returncode == 1
-    last = p.stderr.strip().splitlines()[-1]  # after transformers' progress bar of the weights
-    assert last.startswith("error: ") and "id 0 is '\\n' in the data, '!' in the model: its val loss" in last
+    assert "id 0 is '\\n' in the data, '!' in the model: its val loss" in one_error_line(p.stderr)
 
 
 def test_command_offline_prints_one_line(char_data, tmp_path):
