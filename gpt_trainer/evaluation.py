@@ -19,7 +19,7 @@ from gpt_trainer.dataloader import get_batch, random_starts, read_windows
 from gpt_trainer.errors import ConfigError, DataError
 from gpt_trainer.fsutil import download
 from gpt_trainer.sft import loss_sum, masked_targets, read_masks
-from gpt_trainer.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, tokenizer_from_meta
+from gpt_trainer.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, token_table, tokenizer_from_meta
 
 EVAL_SEED = 0  # eval windows do not depend on the run's seed, so runs with different seeds compare
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -49,22 +49,15 @@ def token_byte_lengths(tok, vocab_size=0):
     Special tokens (end-of-text), ids the tokenizer leaves undefined and a model's padding ids
     count 0 bytes: they are not text, and bits per byte leaves them out."""
     if isinstance(tok, CharTokenizer):
-        lengths = [len(c.encode("utf-8")) for c in tok.chars]
+        lengths = [len(piece) for piece in token_table(tok)]
     elif isinstance(tok, TiktokenTokenizer):
         special = {tok.enc.encode_single_token(t) for t in tok.enc.special_tokens_set}
-        lengths = [0 if i in special else _tiktoken_length(tok.enc, i) for i in range(tok.vocab_size)]
+        lengths = [0 if i in special or piece is None else len(piece) for i, piece in enumerate(token_table(tok))]
     elif isinstance(tok, BPETokenizer):
         lengths = _byte_level_lengths(tok.tok)
     else:
         raise TypeError(f"no byte lengths for {type(tok).__name__}")
     return torch.tensor(lengths + [0] * (vocab_size - len(lengths)), dtype=torch.int64)
-
-
-def _tiktoken_length(enc, i):
-    try:
-        return len(enc.decode_single_token_bytes(i))
-    except KeyError:  # e.g. cl100k_base leaves some ids below n_vocab unused
-        return 0
 
 
 def _byte_level_lengths(tk):
