@@ -60,7 +60,8 @@ def export_hf(ckpt_path, out_dir, adapter_dir=None):
         lora.merge(model)
     export_model(model, out_dir, tokenizer, source=ckpt_path)
     export_chat_template(out_dir, meta, tokenizer)
-    return model, kind if tokenizer or export_chars(out_dir, meta) else None
+    wrote_chars = export_chars(out_dir, meta)
+    return model, kind if tokenizer or wrote_chars else None
 
 
 def export_chars(out_dir, meta):

@@ -227,7 +227,7 @@ if __name__ == "__main__":
     task_names = parse_tasks(eval_tasks, "eval_tasks")
     tok = eval_tokenizer(meta, data_dir, required=bool(task_names), quiet=not master_process)
     if init_from not in ("scratch", "resume", "auto"):  # pretrained weights: their ids must mean the data's
-        check_start_tokenizer(init_from, meta, data_dir, quiet=not master_process)
+        check_start_tokenizer(init_from, meta, tok, data_dir, quiet=not master_process)
     tasks = load_tasks(task_names, {"hellaswag": hellaswag_path}, tok, block_size, eval_tasks_max, rank, ddp)
     # out_dir is this run's alone until it exits (a lock that dies with it); a run that does not
     # resume stops here, before writing anything, if out_dir holds another run's checkpoints

@@ -336,21 +336,27 @@ def weights_tokenizer(name_or_dir):
     return None
 
 
-def check_start_tokenizer(init_from, meta, data_dir, quiet=False):
+def check_start_tokenizer(init_from, meta, data_tok, data_dir, quiet=False):
     """Pretrained weights fine-tuned on data encoded with another tokenizer learn ids that
     stand for other text, and nothing fails: refuse the start unless every id of the data's
-    tokenizer stands for the same bytes in the weights' (tokenizer.other_id). Weights of no
-    known tokenizer are not checked, nor data whose tokenizer cannot be loaded here (tiktoken's
-    cache offline), with a note."""
+    tokenizer (data_tok, the one meta names) stands for the same bytes in the weights'
+    (tokenizer.other_id). Weights of no known tokenizer are not checked, nor data whose
+    tokenizer could not be loaded here (data_tok None: tiktoken's cache offline), with a note."""
     from gpt_trainer.errors import DataError
-    from gpt_trainer.tokenizer import other_id, tokenizer_from_meta
+    from gpt_trainer.tokenizer import other_id
     if not os.path.isdir(init_from) and meta.get("encoding", "gpt2") == "gpt2":
         return  # GPT-2's weights on GPT-2 BPE data
-    try:
-        weights_tok, data_tok = weights_tokenizer(init_from), tokenizer_from_meta(meta, data_dir)
-    except DataError as e:
+    weights_tok, why_not = None, None
+    if data_tok is None:
+        why_not = "its tokenizer could not be loaded"
+    else:
+        try:
+            weights_tok = weights_tokenizer(init_from)
+        except DataError as e:
+            why_not = str(e)
+    if why_not:
         if not quiet:
-            print(f"note: {data_dir}'s tokenizer was not compared with {init_from}'s ({e})", file=sys.stderr)
+            print(f"note: {data_dir}'s tokenizer was not compared with {init_from}'s ({why_not})", file=sys.stderr)
         return
     why = weights_tok and other_id(weights_tok, data_tok)
     if why:

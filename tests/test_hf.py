@@ -156,6 +156,12 @@ def test_export_without_gpt2_meta_writes_no_tokenizer(tmp_path, hf_dir):
 # -----------------------------------------------------------------------------
 # a fine-tune's data must be encoded with the tokenizer its pretrained weights were trained with
 
+def check_start(init_from, meta, data_dir):
+    """train.py's check, given the data's tokenizer as train.py has it loaded."""
+    from gpt_trainer.tokenizer import tokenizer_from_meta
+    hf.check_start_tokenizer(init_from, meta, tokenizer_from_meta(meta), data_dir)
+
+
 def test_token_tables_give_each_ids_bytes():
     """token_table's pieces of an encoded text join into the text's bytes (byte-level BPE's
     printable characters mapped back to bytes; characters; tiktoken in the test below)."""
@@ -177,15 +183,15 @@ def test_tiktoken_gpt2_and_its_exported_tokenizer_json_have_one_table(tmp_path):
     assert token_table(ours) == token_table(theirs)
     text = "Hello wörld 日本\n\n  ü"
     assert b"".join(token_table(ours)[i] for i in ours.encode(text)) == text.encode("utf-8")
-    hf.check_start_tokenizer(str(tmp_path), {"encoding": "gpt2"}, "data/gpt2")  # tiktoken data, the same ids
+    check_start(str(tmp_path), {"encoding": "gpt2"}, "data/gpt2")  # tiktoken data, the same ids
     char_data = {"encoding": "char", "chars": list("\n abc"), "vocab_size": 5}
     with pytest.raises(HFError, match=r"data/c's tokenizer \(char, 5 tokens\) is not the one .* \(hf, 50,257 tokens\): "
                        r"id 0 is '\\n' in the data, '!' in the model; prepare the data with --encoding=hf:"):
-        hf.check_start_tokenizer(str(tmp_path), char_data, "data/c")
-    hf.check_start_tokenizer("gpt2-medium", {"encoding": "gpt2"}, "data/gpt2")
+        check_start(str(tmp_path), char_data, "data/c")
+    check_start("gpt2-medium", {"encoding": "gpt2"}, "data/gpt2")
     with pytest.raises(HFError, match=r"is not the one gpt2 was trained with \(gpt2, 50,257 tokens\): .* "
                                       r"--encoding=gpt2 \(data/text/prepare.py"):
-        hf.check_start_tokenizer("gpt2", char_data, "data/c")  # nanoGPT's finetune recipe on shakespeare_char
+        check_start("gpt2", char_data, "data/c")  # nanoGPT's finetune recipe on shakespeare_char
 
 
 def test_exported_char_model_keeps_its_characters(tmp_path, hf_dir):
@@ -198,7 +204,7 @@ def test_exported_char_model_keeps_its_characters(tmp_path, hf_dir):
     base = str(tmp_path / "hf")
     assert export.export_hf(ckpt, base)[1] == "char"
     assert hf.hf_tokenizer(base).chars == chars  # sample.py's tokenizer for --init_from=DIR
-    check = hf.check_start_tokenizer
+    check = check_start
 
     def data(c):
         return {"encoding": "char", "chars": list(c), "vocab_size": len(c)}
@@ -219,8 +225,11 @@ def test_an_unreadable_tokenizer_json_is_one_line_and_a_start_goes_on_unchecked(
     with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / 'tokenizer.json'))}: the tokenizers library "
                                         r"cannot read it \(.*\); it is damaged or from a newer tokenizers"):
         hf.hf_tokenizer(str(tmp_path))  # sample.py --init_from=DIR
-    hf.check_start_tokenizer(str(tmp_path), {"encoding": "char", "chars": ["a"], "vocab_size": 1}, "d")
+    check_start(str(tmp_path), {"encoding": "char", "chars": ["a"], "vocab_size": 1}, "d")
     assert "note: d's tokenizer was not compared with" in capsys.readouterr().err
+    hf.check_start_tokenizer("gpt2", {"encoding": "cl100k_base"}, None, "d")  # a dataset tokenizer not loadable here
+    err = capsys.readouterr().err
+    assert "note: d's tokenizer was not compared with gpt2's (its tokenizer could not be loaded)" in err
 
 
 @pytest.mark.parametrize("option, value", [
